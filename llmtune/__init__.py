@@ -1,0 +1,3 @@
+"""llmtune: domain material to an evaluated, published adapter."""
+
+__version__ = "0.1.0"

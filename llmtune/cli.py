@@ -1,0 +1,102 @@
+"""The `llmtune` command. Heavy libraries (torch, transformers, trl) are imported inside commands, so
+`llmtune --help` and `llmtune validate` start in well under a second."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.text import Text
+
+from llmtune.errors import LlmtuneError
+
+app = typer.Typer(
+    help="Parameter-efficient fine-tuning: recipe in, evaluated adapter out.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Offline builtin models (tiny test model, SmolLM2-135M-Instruct).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+err_console = Console(stderr=True)
+console = Console()
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe field, e.g. --set train.learning_rate=1e-4 (repeatable)."),
+]
+
+
+def _setup_logging() -> None:
+    # Only the main process talks under torchrun/accelerate; the other ranks log warnings and errors.
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(
+        level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)], force=True
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Validate a recipe and print it fully resolved (defaults filled in, paths absolute)."""
+    from llmtune.config import load_recipe, recipe_to_yaml
+
+    resolved = load_recipe(recipe, set_)
+    console.print(recipe_to_yaml(resolved), end="", markup=False, highlight=False)
+    err_console.print(f"[green]ok[/green] {recipe}")
+
+
+@app.command()
+def train(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in output_dir.")] = False,
+) -> None:
+    """Train an adapter as the recipe says (also under `accelerate launch -m llmtune train` or torchrun)."""
+    from llmtune.config import load_recipe
+
+    resolved = load_recipe(recipe, set_)  # before any heavy import: a bad recipe fails in milliseconds
+    _setup_logging()
+    from llmtune.train import sft
+
+    out = sft.main(resolved, overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:
+        console.print(f"[green]done[/green] {out}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the builtin models and whether they are built in the cache."""
+    from llmtune.builtin_models import builtin_names, cache_dir
+
+    for name in builtin_names():
+        folder = cache_dir() / "models" / name
+        state = "ready" if (folder / "config.json").is_file() else "not built"
+        console.print(f"builtin:{name:<24} {state:<10} {folder}")
+
+
+@models_app.command("build")
+def models_build(name: Annotated[str, typer.Argument(help="tiny | smollm2-135m-instruct")]) -> None:
+    """Build a builtin model into the cache (the tiny random model, or SmolLM2 imported from its GGUF)."""
+    _setup_logging()
+    from llmtune.builtin_models import ensure_builtin
+
+    console.print(str(ensure_builtin(name.removeprefix("builtin:"))))
+
+
+def main() -> None:
+    try:
+        app()
+    except LlmtuneError as err:
+        err_console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False)
+        sys.exit(2)

@@ -1,0 +1,280 @@
+"""Typed recipes: one YAML file per run, validated before anything touches the disk.
+
+Unknown keys are errors with a "did you mean" hint, cross-field rules give one message, input paths are
+checked, and secrets are refused (they come only from the environment).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from llmtune.errors import LlmtuneError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BUILTIN_PREFIX = "builtin:"
+# Keys whose value would be a credential: the recipe is shared and saved with every artifact.
+_SECRET_KEY = re.compile(r"(token|api_?key|password|secret)", re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,})\b")
+
+
+class RecipeError(LlmtuneError, ValueError):
+    """A recipe that cannot run; the message names the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    # A hub id, a local folder, a .gguf file, or a builtin (`builtin:tiny`, `builtin:smollm2-135m-instruct`).
+    name_or_path: str
+    gguf_file: str | None = None
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+    # A Jinja chat template file that replaces the tokenizer's own (relative to the recipe's folder).
+    chat_template: Path | None = None
+
+
+class QuantizationSection(Section):
+    load_in: Literal["4bit", "8bit"]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class AdapterSection(Section):
+    kind: Literal["lora", "dora"] = "lora"
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    rslora: bool = False
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    modules_to_save: list[str] = []
+
+
+DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion"]
+
+
+class DataSource(Section):
+    # A local file (.jsonl/.json/.csv/.parquet, relative to the recipe's folder) or a hub dataset id.
+    path: str
+    format: DataFormat = "auto"
+    split: str = "train"
+    subset: str | None = None
+    max_rows: int | None = Field(None, gt=0)
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.path).suffix.lower() in {".jsonl", ".json", ".csv", ".parquet"}
+
+
+class DataSection(Section):
+    train: list[DataSource] = Field(min_length=1)
+    validation: list[DataSource] = []
+    validation_fraction: float = Field(0.0, ge=0, lt=0.5)
+    on_bad_row: Literal["error", "skip"] = "error"
+    loss_on: Literal["assistant", "all"] = "assistant"
+    system_prompt: str | None = None
+    max_length: int | None = Field(1024, gt=0)
+    truncation: Literal["keep_start", "keep_end"] = "keep_start"
+    packing: bool = False
+
+    @model_validator(mode="after")
+    def _rules(self) -> DataSection:
+        if self.validation and self.validation_fraction:
+            raise ValueError("give either `validation` files or `validation_fraction`, not both")
+        if self.packing and self.max_length is None:
+            raise ValueError("`packing: true` needs `max_length` (the length of a packed row)")
+        return self
+
+
+class TrainSection(Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    dataloader_num_workers: int = Field(0, ge=0)
+
+
+class Recipe(Section):
+    method: Literal["sft"] = "sft"
+    output_dir: Path
+    seed: int = 42
+    model: ModelSection
+    quantization: QuantizationSection | None = None
+    adapter: AdapterSection | None = None
+    data: DataSection
+    train: TrainSection = TrainSection()
+
+    @model_validator(mode="after")
+    def _rules(self) -> Recipe:
+        if self.quantization is not None and self.adapter is None:
+            raise ValueError(
+                f"a {self.quantization.load_in} base cannot be trained directly: add an `adapter:` section (QLoRA)"
+            )
+        if self.train.eval_steps and not (self.data.validation or self.data.validation_fraction):
+            raise ValueError("`train.eval_steps` needs validation data: set `data.validation` or `data.validation_fraction`")
+        if self.adapter and self.adapter.kind == "dora" and self.quantization and self.quantization.load_in == "8bit":
+            raise ValueError("DoRA is not supported on 8-bit bases by peft; use `load_in: 4bit` or `kind: lora`")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override (`a.b=c`), validate and resolve a recipe; raise RecipeError naming file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (model, data, train, ...)")
+    for override in overrides or []:
+        apply_override(raw, override, path)
+    _refuse_secrets(raw, path)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(f"{path}: invalid recipe\n" + _explain(err)) from None
+    return _resolve_paths(recipe, path.parent)
+
+
+def apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
+    """Set `a.b.c=value` in the raw recipe; the value is parsed as YAML (numbers, bools, lists)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {override!r}: expected KEY=VALUE, e.g. train.learning_rate=1e-4")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"{path}: --set {key}: `{part}` is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(value)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def _refuse_secrets(node: Any, path: Path, where: str = "") -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            here = f"{where}.{key}" if where else str(key)
+            if _SECRET_KEY.search(str(key)):
+                raise RecipeError(
+                    f"{path}: {here}: secrets never go in a recipe (it is saved with every artifact); "
+                    "set them in the environment (e.g. HF_TOKEN, OPENAI_API_KEY)"
+                )
+            _refuse_secrets(value, path, here)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _refuse_secrets(value, path, f"{where}[{index}]")
+    elif isinstance(node, str) and _SECRET_VALUE.search(node):
+        raise RecipeError(f"{path}: {where}: looks like a token; secrets come only from the environment")
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Resolve input paths against the recipe's folder and check that local files exist."""
+    problems: list[str] = []
+
+    def local(value: str | Path, key: str) -> Path:
+        resolved = (base / value).resolve()
+        if not resolved.exists():
+            problems.append(f"{key}: file not found: {value} (looked in {resolved})")
+        return resolved
+
+    model = recipe.model
+    updates: dict[str, Any] = {}
+    if not model.name_or_path.startswith(BUILTIN_PREFIX) and _looks_local(model.name_or_path, base):
+        model = model.model_copy(update={"name_or_path": str(local(model.name_or_path, "model.name_or_path"))})
+    if model.chat_template is not None:
+        model = model.model_copy(update={"chat_template": local(model.chat_template, "model.chat_template")})
+    updates["model"] = model
+
+    def sources(items: list[DataSource], key: str) -> list[DataSource]:
+        return [
+            s.model_copy(update={"path": str(local(s.path, f"{key}[{i}].path"))}) if s.is_local else s
+            for i, s in enumerate(items)
+        ]
+
+    data = recipe.data.model_copy(
+        update={
+            "train": sources(recipe.data.train, "data.train"),
+            "validation": sources(recipe.data.validation, "data.validation"),
+        }
+    )
+    updates["data"] = data
+    if problems:
+        raise RecipeError(f"{base}: invalid recipe\n" + "\n".join(f"  {p}" for p in problems))
+    return recipe.model_copy(update=updates)
+
+
+def _looks_local(name: str, base: Path) -> bool:
+    # Hub ids are `org/name`; an existing path, a .gguf file, or a leading ./ / ~ means a local path.
+    return (
+        name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1 or (base / name).exists()
+    )
+
+
+# --------------------------------------------------------------------------------------------- messages
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            known = _known_keys(item["loc"][:-1])
+            hint = difflib.get_close_matches(str(item["loc"][-1]), known, n=1)
+            message = "unknown key" + (f"; did you mean `{hint[0]}`?" if hint else f"; known keys: {', '.join(known)}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {message}")
+    return "\n".join(lines)
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the section at `loc` (walking through lists and optional sections)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[part].annotation
+        model = _section_type(annotation)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _section_type(annotation: Any) -> type[Section] | None:
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    if get_origin(annotation) is not None or get_args(annotation):
+        for arg in get_args(annotation):
+            found = _section_type(arg)
+            if found is not None:
+                return found
+    return None

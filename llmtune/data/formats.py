@@ -1,0 +1,110 @@
+"""The formats users bring, normalised into one canonical form: a list of chat messages.
+
+- messages:           {"messages": [{"role": ..., "content": ...}, ...]}
+- sharegpt:           {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}
+- alpaca:             {"instruction": ..., "input": ..., "output": ..., "system"?: ...}
+- prompt_completion:  {"prompt": str | messages, "completion": str | messages}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class RowError(ValueError):
+    """One row that cannot be used; the message says why (the caller adds file and row)."""
+
+
+def detect_format(row: dict[str, Any]) -> str:
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    raise RowError(
+        f"cannot tell the format from keys {sorted(row)}: expected `messages`, `conversations` (sharegpt), "
+        "`instruction`+`output` (alpaca) or `prompt`+`completion`"
+    )
+
+
+def to_messages(row: dict[str, Any], fmt: str, system_prompt: str | None = None) -> list[Message]:
+    """Canonical messages for one row, validated; raises RowError."""
+    if fmt == "auto":
+        fmt = detect_format(row)
+    converters = {
+        "messages": _from_messages,
+        "sharegpt": _from_sharegpt,
+        "alpaca": _from_alpaca,
+        "prompt_completion": _from_prompt_completion,
+    }
+    messages = converters[fmt](row)
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    validate_messages(messages)
+    return messages
+
+
+def validate_messages(messages: list[Message]) -> None:
+    if not messages:
+        raise RowError("no messages")
+    for index, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise RowError(f"message {index}: role {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            raise RowError(f"message {index} ({role}): empty or non-text content")
+        if role == "system" and index != 0:
+            raise RowError(f"message {index}: a system message may only come first")
+    if messages[-1]["role"] != "assistant":
+        raise RowError("the last message is not from the assistant, so there is nothing to learn at the end")
+
+
+def _required(row: dict[str, Any], key: str) -> Any:
+    value = row.get(key)
+    if value is None:
+        raise RowError(f"missing `{key}`")
+    return value
+
+
+def _from_messages(row: dict[str, Any]) -> list[Message]:
+    raw = _required(row, "messages")
+    if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
+        raise RowError("`messages` must be a list of {role, content} objects")
+    return [{"role": m.get("role"), "content": m.get("content")} for m in raw]
+
+
+def _from_sharegpt(row: dict[str, Any]) -> list[Message]:
+    raw = _required(row, "conversations")
+    if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
+        raise RowError("`conversations` must be a list of {from, value} objects")
+    messages = []
+    for index, turn in enumerate(raw):
+        speaker = turn.get("from")
+        if speaker not in _SHAREGPT_ROLES:
+            raise RowError(f"conversations[{index}]: unknown speaker {speaker!r}")
+        messages.append({"role": _SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+    return messages
+
+
+def _from_alpaca(row: dict[str, Any]) -> list[Message]:
+    instruction = _required(row, "instruction")
+    extra = row.get("input") or ""
+    prompt = f"{instruction}\n\n{extra}" if str(extra).strip() else instruction
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _required(row, "output")}]
+    if row.get("system"):
+        messages.insert(0, {"role": "system", "content": row["system"]})
+    return messages
+
+
+def _from_prompt_completion(row: dict[str, Any]) -> list[Message]:
+    prompt, completion = _required(row, "prompt"), _required(row, "completion")
+    prompt_messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    completion_messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+    return _from_messages({"messages": [*prompt_messages, *completion_messages]})

@@ -1,0 +1,153 @@
+"""Read the recipe's data sources row by row, normalise each row, and account for every row skipped.
+
+Local files are parsed here (not through `datasets.load_dataset`) so that a bad row is reported with its file
+and row number; hub datasets go through `datasets` and are only available online or from the local cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmtune.config import DataSection, DataSource
+from llmtune.errors import LlmtuneError
+from llmtune.data.formats import RowError, to_messages
+
+
+class DataError(LlmtuneError, ValueError):
+    """Unusable data; the message names the file and row."""
+
+
+@dataclass
+class Example:
+    messages: list[dict[str, str]]
+    source: str
+    row: int  # 1-based row (line number for jsonl)
+
+
+@dataclass
+class LoadReport:
+    rows_read: int = 0
+    rows_kept: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    first_skipped: list[str] = field(default_factory=list)
+
+    def skip(self, where: str, reason: str) -> None:
+        self.skipped[reason.split(":")[0]] += 1
+        if len(self.first_skipped) < 10:
+            self.first_skipped.append(f"{where}: {reason}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "rows_skipped": sum(self.skipped.values()),
+            "skipped_by_reason": dict(self.skipped),
+            "first_skipped": self.first_skipped,
+        }
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_fingerprint(source: DataSource) -> dict[str, Any]:
+    """What identifies a source's content: the file hash, or the hub id + split."""
+    info: dict[str, Any] = {"path": source.path, "format": source.format, "max_rows": source.max_rows}
+    if source.is_local:
+        info["sha256"] = file_sha256(source.path)
+    else:
+        info.update(split=source.split, subset=source.subset)
+    return info
+
+
+def load_examples(sources: list[DataSource], data: DataSection) -> tuple[list[Example], LoadReport]:
+    report = LoadReport()
+    examples: list[Example] = []
+    for source in sources:
+        for row_number, row in _read_rows(source):
+            where = f"{source.path}: row {row_number}"
+            report.rows_read += 1
+            try:
+                if not isinstance(row, dict):
+                    raise RowError(f"expected an object, got {type(row).__name__}")
+                messages = to_messages(row, source.format, data.system_prompt)
+            except RowError as err:
+                if data.on_bad_row == "error":
+                    raise DataError(f"{where}: {err} (set `data.on_bad_row: skip` to skip such rows)") from None
+                report.skip(where, str(err))
+                continue
+            examples.append(Example(messages, source.path, row_number))
+            report.rows_kept += 1
+    if not examples:
+        raise DataError(f"no usable rows in {', '.join(s.path for s in sources)}")
+    return examples, report
+
+
+def _read_rows(source: DataSource) -> Iterator[tuple[int, Any]]:
+    rows = _read_local(source) if source.is_local else _read_hub(source)
+    for count, item in enumerate(rows):
+        if source.max_rows is not None and count >= source.max_rows:
+            return
+        yield item
+
+
+def _read_local(source: DataSource) -> Iterator[tuple[int, Any]]:
+    path = Path(source.path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield line_number, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}: row {line_number}: invalid JSON: {err.msg}") from None
+    elif suffix == ".json":
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+        if not isinstance(payload, list):
+            raise DataError(f"{path}: expected a JSON array of rows")
+        yield from enumerate(payload, start=1)
+    else:
+        import pandas as pd
+
+        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+        for index, record in enumerate(frame.to_dict(orient="records"), start=1):
+            yield index, {k: _decode_cell(v) for k, v in record.items()}
+
+
+def _decode_cell(value: Any) -> Any:
+    # CSV cells holding JSON lists (messages, conversations) arrive as strings; parquet arrives as arrays.
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, float) and value != value:  # NaN from an empty CSV cell
+        return None
+    return value
+
+
+def _read_hub(source: DataSource) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(source.path, source.subset, split=source.split)
+    except Exception as err:  # datasets raises many types; the user needs the id and the reason
+        raise DataError(f"{source.path}: cannot load hub dataset (split {source.split!r}): {err}") from None
+    yield from enumerate(dataset, start=1)

@@ -1,0 +1,71 @@
+"""Recipe train section -> TRL SFTConfig. Every default llmtune changes from TRL's is set here, explicitly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from trl import SFTConfig
+
+from llmtune.config import Recipe
+from llmtune.errors import LlmtuneError
+
+
+class PrecisionError(LlmtuneError, ValueError):
+    pass
+
+
+def mixed_precision(recipe: Recipe) -> dict[str, bool]:
+    """`auto`: bf16 autocast on GPUs that support it, fp32 elsewhere (numerics checked against fp32 first)."""
+    precision = recipe.train.precision
+    on_gpu = torch.cuda.is_available()
+    if precision == "auto":
+        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not on_gpu:
+        raise PrecisionError("train.precision: fp16 mixed precision needs a GPU; use bf16 or fp32 on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def sft_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> SFTConfig:
+    train = recipe.train
+    if train.eval_steps:
+        eval_strategy = "steps"
+    else:
+        eval_strategy = "epoch" if has_validation else "no"
+    return SFTConfig(
+        output_dir=str(output_dir),
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # a float in [0, 1) is a ratio of total steps in transformers 5
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optimizer,
+        **mixed_precision(recipe),
+        use_cpu=not torch.cuda.is_available(),
+        # TRL turns checkpointing on by default; it costs ~30% speed and is only needed when memory is short.
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=train.eval_steps,
+        save_strategy="no",
+        report_to=list(train.report_to) or "none",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=train.dataloader_num_workers,
+        ddp_find_unused_parameters=False,
+        # Data arrives tokenized, masked and truncated (llmtune/data/tokenize.py); TRL only packs and collates.
+        max_length=recipe.data.max_length if recipe.data.packing else None,
+        packing=recipe.data.packing,
+        packing_strategy="bfd",
+        assistant_only_loss=False,
+        completion_only_loss=False,
+        dataset_num_proc=None,
+    )
