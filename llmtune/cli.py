@@ -44,6 +44,8 @@ def _setup_logging() -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes warns at import that the optional `kernels` package is absent; its own CPU path is used.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 @app.command()
@@ -52,7 +54,7 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     from llmtune.config import load_recipe, recipe_to_yaml
 
     resolved = load_recipe(recipe, set_)
-    console.print(recipe_to_yaml(resolved), end="", markup=False, highlight=False)
+    typer.echo(recipe_to_yaml(resolved), nl=False)  # plain: rich would wrap long paths and break the YAML
     err_console.print(f"[green]ok[/green] {recipe}")
 
 

@@ -27,7 +27,7 @@ from llmtune.data.formats import RowError
 from llmtune.data.loading import DataError, Example, LoadReport, load_examples, source_fingerprint
 
 # Bump when tokenization output changes for the same inputs, so old caches are not reused.
-TOKENIZATION_VERSION = 1
+TOKENIZATION_VERSION = 2
 
 
 @dataclass
@@ -81,21 +81,21 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, template: s
         return _load_cached(path, sources)
 
     train_examples, train_report = load_examples(data.train, data)
+    report: dict[str, Any] = {"loaded": {"train_files": train_report}}
     if data.validation:
-        val_examples, val_report = load_examples(data.validation, data)
+        val_examples, report["loaded"]["validation_files"] = load_examples(data.validation, data)
     elif data.validation_fraction:
         train_examples, val_examples = _split(train_examples, data.validation_fraction, recipe.seed)
-        val_report = None
     else:
-        val_examples, val_report = [], None
+        val_examples = []
 
-    train_ds, train_stats = _tokenize_split("train", train_examples, train_report, tokenizer, template, recipe)
-    report: dict[str, Any] = {"train": {**train_report.as_dict(), **train_stats}}
-    val_ds = None
-    if val_examples:
-        val_report = val_report or LoadReport(rows_read=len(val_examples), rows_kept=len(val_examples))
-        val_ds, val_stats = _tokenize_split("validation", val_examples, val_report, tokenizer, template, recipe)
-        report["validation"] = {**val_report.as_dict(), **val_stats}
+    splits = {"train": train_examples, "validation": val_examples}
+    tokenized: dict[str, Dataset] = {}
+    for name, examples in splits.items():
+        if examples:
+            tokenized[name], report[name] = _tokenize_split(name, examples, tokenizer, template, recipe)
+    report["loaded"] = {k: v.as_dict() for k, v in report["loaded"].items()}
+    train_ds, val_ds = tokenized["train"], tokenized.get("validation")
     _save_atomically(path, train_ds, val_ds, report)
     return PreparedData(train_ds, val_ds, report, sources, path, from_cache=False)
 
@@ -103,12 +103,12 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, template: s
 def _tokenize_split(
     name: str,
     examples: list[Example],
-    report: LoadReport,
     tokenizer: PreTrainedTokenizerBase,
     template: str | None,
     recipe: Recipe,
-) -> tuple[Dataset, dict[str, int]]:
+) -> tuple[Dataset, dict[str, Any]]:
     data = recipe.data
+    skipped = LoadReport()
     columns: dict[str, list[Any]] = {"input_ids": [], "labels": [], "source": [], "row": []}
     truncated = 0
     for example in tqdm(examples, desc=f"Tokenizing {name}", unit="row", leave=False):
@@ -120,8 +120,7 @@ def _tokenize_split(
             where = f"{example.source}: row {example.row}"
             if data.on_bad_row == "error":
                 raise DataError(f"{where}: {err} (set `data.on_bad_row: skip` to skip such rows)") from None
-            report.skip(where, str(err))
-            report.rows_kept -= 1
+            skipped.skip(where, str(err))
             continue
         truncated += was_truncated
         columns["input_ids"].append(ids)
@@ -129,8 +128,12 @@ def _tokenize_split(
         columns["source"].append(Path(example.source).name)
         columns["row"].append(example.row)
     if not columns["input_ids"]:
-        raise DataError(f"{name}: every row was skipped; first reasons: {report.first_skipped[:3]}")
+        raise DataError(f"{name}: every row was skipped; first reasons: {skipped.first_skipped[:3]}")
     stats = {
+        "rows": len(columns["input_ids"]),
+        "rows_skipped": sum(skipped.skipped.values()),
+        "skipped_by_reason": dict(skipped.skipped),
+        "first_skipped": skipped.first_skipped,
         "rows_truncated": truncated,
         "tokens": sum(len(ids) for ids in columns["input_ids"]),
         "trainable_tokens": sum(sum(1 for t in labels if t != -100) for labels in columns["labels"]),

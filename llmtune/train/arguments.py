@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -9,6 +10,11 @@ from trl import SFTConfig
 
 from llmtune.config import Recipe
 from llmtune.errors import LlmtuneError
+
+
+# transformers 5 renamed gradient_checkpointing to activation_checkpointing, but TRL 1.16 still sets the old
+# name itself, so the warning fires whatever we pass. Drop this filter when TRL uses the new name.
+warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
 class PrecisionError(LlmtuneError, ValueError):

@@ -34,7 +34,7 @@ class RunStats:
     wall_seconds: float
     train_seconds: float
     steps: int
-    trained_tokens: int
+    tokens_seen: int  # non-padding input tokens, as TRL/transformers count them
     final_loss: float | None
     losses: list[dict[str, float]] = field(default_factory=list)
     trainable_parameters: int = 0
@@ -79,8 +79,8 @@ def build_manifest(
         "train": {
             "steps": stats.steps,
             "final_loss": stats.final_loss,
-            "trained_tokens": stats.trained_tokens,
-            "tokens_per_second": stats.trained_tokens / stats.train_seconds if stats.train_seconds else None,
+            "tokens_seen": stats.tokens_seen,
+            "tokens_per_second": stats.tokens_seen / stats.train_seconds if stats.train_seconds else None,
             "train_seconds": round(stats.train_seconds, 3),
             "trainable_parameters": stats.trainable_parameters,
             "total_parameters": stats.total_parameters,

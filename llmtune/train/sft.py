@@ -76,7 +76,7 @@ def main(recipe: Recipe, overwrite: bool = False) -> Path:
         wall_seconds=time.perf_counter() - started,
         train_seconds=train_seconds,
         steps=result.global_step,
-        trained_tokens=int(trainer.state.num_input_tokens_seen),
+        tokens_seen=int(trainer.state.num_input_tokens_seen),
         final_loss=_last(history.records, "loss"),
         losses=history.records,
         trainable_parameters=trainable,
@@ -86,7 +86,7 @@ def main(recipe: Recipe, overwrite: bool = False) -> Path:
         manifest = build_manifest(recipe, data.report, data.sources, stats, state.num_processes)
         write_run_outputs(trainer, tokenizer, template, recipe, manifest)
         log.info(
-            "saved %s  (%.0f trained tokens/s, peak RSS %.0f MB)",
+            "saved %s  (%.0f tokens/s, peak RSS %.0f MB)",
             output_dir,
             manifest["train"]["tokens_per_second"] or 0,
             manifest["memory"]["peak_rss_mb"],

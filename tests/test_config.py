@@ -1,0 +1,123 @@
+"""Recipes: every shipped recipe validates; bad recipes fail with one clear message and write nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmtune.config import RecipeError, load_recipe
+from tests.helpers import REPO, run_cli, write_recipe
+
+SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
+RECIPES = [p for p in SHIPPED if "accelerate" not in p.parts]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.data.train, path
+    assert all(Path(s.path).is_file() for s in recipe.data.train if s.is_local)
+
+
+def test_shipped_recipes_name_their_launch_command():
+    for path in RECIPES:
+        header = path.read_text().splitlines()[:6]
+        assert any(f"llmtune train {path.relative_to(REPO)}" in line for line in header), path
+
+
+def test_accelerate_configs_parse():
+    configs = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
+    assert {c.stem for c in configs} >= {"single-gpu", "ddp", "fsdp", "deepspeed-zero3"}
+    for config in configs:
+        assert "distributed_type" in yaml.safe_load(config.read_text()), config
+
+
+def _error(tmp_path, chat_file, **sections) -> str:
+    path = write_recipe(tmp_path, chat_file, **sections)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    return str(caught.value)
+
+
+def test_typo_key_suggests_the_right_one(tmp_path, chat_file):
+    message = _error(tmp_path, chat_file, train={"learnig_rate": 1e-4})
+    assert "train.learnig_rate: unknown key; did you mean `learning_rate`?" in message
+    assert str(tmp_path / "recipe.yaml") in message
+
+
+def test_typo_in_a_list_item_is_located(tmp_path, chat_file):
+    message = _error(tmp_path, chat_file, data={"train": [{"path": str(chat_file), "formt": "alpaca"}]})
+    assert "data.train.0.formt: unknown key; did you mean `format`?" in message
+
+
+def test_wrong_type_and_bad_choice(tmp_path, chat_file):
+    assert "train.batch_size" in _error(tmp_path, chat_file, train={"batch_size": "four"})
+    message = _error(tmp_path, chat_file, adapter={"kind": "lorax"})
+    assert "adapter.kind" in message and "'lora'" in message
+
+
+def test_missing_data_file_is_named(tmp_path, chat_file):
+    message = _error(tmp_path, chat_file, data={"train": [{"path": "nope.jsonl"}]})
+    assert "data.train[0].path: file not found: nope.jsonl" in message
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        ({"quantization": {"load_in": "4bit"}, "adapter": None}, "4bit base cannot be trained directly"),
+        ({"data": {"packing": True, "max_length": None}}, "`packing: true` needs `max_length`"),
+        ({"data": {"validation_fraction": 0.1, "validation": [{"path": "x.jsonl"}]}}, "not both"),
+        ({"train": {"eval_steps": 5}}, "`train.eval_steps` needs validation data"),
+    ],
+)
+def test_conflicting_options_give_one_message(tmp_path, chat_file, sections, expected):
+    data = sections.get("data")
+    if data and "train" not in data:
+        sections["data"] = {"train": [{"path": str(chat_file)}], "max_length": 128, **data}
+    assert expected in _error(tmp_path, chat_file, **sections)
+
+
+def test_secrets_are_refused(tmp_path, chat_file):
+    assert "secrets never go in a recipe" in _error(tmp_path, chat_file, model={"name_or_path": "x", "hub_token": "a"})
+    leaked = "hf_" + "A" * 34
+    assert "looks like a token" in _error(tmp_path, chat_file, model={"name_or_path": leaked})
+
+
+def test_set_overrides_nested_values(tmp_path, chat_file):
+    path = write_recipe(tmp_path, chat_file)
+    recipe = load_recipe(path, ["train.learning_rate=1e-4", "adapter.target_modules=[q_proj, v_proj]"])
+    assert recipe.train.learning_rate == 1e-4
+    assert recipe.adapter.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(RecipeError, match="did you mean `learning_rate`"):
+        load_recipe(path, ["train.learning_rat=1"])
+    with pytest.raises(RecipeError, match="expected KEY=VALUE"):
+        load_recipe(path, ["train.learning_rate"])
+
+
+def test_validate_prints_the_resolved_recipe(tmp_path, chat_file):
+    result = run_cli("validate", str(write_recipe(tmp_path, chat_file)), "--set", "train.epochs=3")
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["train"]["epochs"] == 3
+    assert resolved["train"]["lr_scheduler"] == "cosine"  # defaults filled in
+    assert resolved["data"]["train"][0]["path"] == str(chat_file)
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"train": {"learnig_rate": 1e-4}},
+        {"train": {"batch_size": "four"}},
+        {"data": {"train": [{"path": "missing.jsonl"}]}},
+        {"quantization": {"load_in": "4bit"}, "adapter": None},
+    ],
+    ids=["typo", "type", "missing-file", "conflict"],
+)
+def test_bad_recipe_exits_nonzero_without_an_output_folder(tmp_path, chat_file, sections):
+    path = write_recipe(tmp_path, chat_file, **sections)
+    result = run_cli("train", str(path))
+    assert result.returncode == 2
+    assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
