@@ -100,5 +100,5 @@ def main() -> None:
     try:
         app()
     except LlmtuneError as err:
-        err_console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False)
+        err_console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import PartialState
@@ -15,7 +16,7 @@ from trl import SFTTrainer
 
 from llmtune.chat_template import stop_token_trained, training_chat_template
 from llmtune.config import Recipe
-from llmtune.data.tokenize import prepare_data
+from llmtune.data.tokenize import PreparedData, prepare_data
 from llmtune.models import load_model, load_tokenizer, resolve_source
 from llmtune.train.adapters import lora_config
 from llmtune.train.arguments import sft_config
@@ -35,13 +36,20 @@ class LossHistory(TrainerCallback):
             self.records.append({"step": state.global_step, **{k: float(v) for k, v in logs.items()}})
 
 
-def main(recipe: Recipe, overwrite: bool = False) -> Path:
-    started = time.perf_counter()
-    state = PartialState()
-    output_dir = Path(recipe.output_dir)
-    check_output_dir(output_dir, overwrite)
-    set_seed(recipe.seed)
+@dataclass
+class SftSession:
+    """Everything `main` needs after set-up; tests drive the trainer directly."""
 
+    trainer: SFTTrainer
+    tokenizer: object
+    template: str | None
+    data: PreparedData
+    history: LossHistory
+
+
+def build_trainer(recipe: Recipe) -> SftSession:
+    state = PartialState()
+    set_seed(recipe.seed)
     source = resolve_source(recipe.model)
     tokenizer = load_tokenizer(recipe.model, source)
     template = chat_template_for_training(recipe, tokenizer)
@@ -54,17 +62,25 @@ def main(recipe: Recipe, overwrite: bool = False) -> Path:
         "from cache" if data.from_cache else f"tokenized into {data.cache_path}",
     )
     model = load_model(recipe.model, recipe.quantization, source)
-
     history = LossHistory()
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(recipe, output_dir, has_validation=data.validation is not None),
+        args=sft_config(recipe, Path(recipe.output_dir), has_validation=data.validation is not None),
         train_dataset=data.train.select_columns(["input_ids", "labels"]),
         eval_dataset=data.validation.select_columns(["input_ids", "labels"]) if data.validation else None,
         processing_class=tokenizer,
         peft_config=lora_config(recipe.adapter),
         callbacks=[history],
     )
+    return SftSession(trainer, tokenizer, template, data, history)
+
+
+def main(recipe: Recipe, overwrite: bool = False) -> Path:
+    started = time.perf_counter()
+    output_dir = Path(recipe.output_dir)
+    check_output_dir(output_dir, overwrite)
+    session = build_trainer(recipe)
+    trainer = session.trainer
     trainable, total = _parameter_counts(trainer.model)
     log.info("training %d of %d parameters (%.3f%%)", trainable, total, 100 * trainable / total)
 
@@ -77,14 +93,15 @@ def main(recipe: Recipe, overwrite: bool = False) -> Path:
         train_seconds=train_seconds,
         steps=result.global_step,
         tokens_seen=int(trainer.state.num_input_tokens_seen),
-        final_loss=_last(history.records, "loss"),
-        losses=history.records,
+        final_loss=_last(session.history.records, "loss"),
+        losses=session.history.records,
         trainable_parameters=trainable,
         total_parameters=total,
     )
+    state = PartialState()
     if state.is_main_process:
-        manifest = build_manifest(recipe, data.report, data.sources, stats, state.num_processes)
-        write_run_outputs(trainer, tokenizer, template, recipe, manifest)
+        manifest = build_manifest(recipe, session.data.report, session.data.sources, stats, state.num_processes)
+        write_run_outputs(trainer, session.tokenizer, session.template, recipe, manifest)
         log.info(
             "saved %s  (%.0f tokens/s, peak RSS %.0f MB)",
             output_dir,
