@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from llmtune.errors import LlmtuneError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmtune.errors import LlmtuneError
 
 BUILTIN_PREFIX = "builtin:"
 # Keys whose value would be a credential: the recipe is shared and saved with every artifact.
@@ -62,7 +63,8 @@ DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completio
 
 
 class DataSource(Section):
-    # A local file (.jsonl/.json/.csv/.parquet, relative to the recipe's folder) or a hub dataset id.
+    # A local file (.jsonl/.json/.csv/.parquet), a dataset folder (both relative to the recipe's folder),
+    # or a hub dataset id (online, or from the local datasets cache).
     path: str
     format: DataFormat = "auto"
     split: str = "train"
@@ -130,7 +132,9 @@ class Recipe(Section):
                 f"a {self.quantization.load_in} base cannot be trained directly: add an `adapter:` section (QLoRA)"
             )
         if self.train.eval_steps and not (self.data.validation or self.data.validation_fraction):
-            raise ValueError("`train.eval_steps` needs validation data: set `data.validation` or `data.validation_fraction`")
+            raise ValueError(
+                "`train.eval_steps` needs validation data: set `data.validation` or `data.validation_fraction`"
+            )
         if self.adapter and self.adapter.kind == "dora" and self.quantization and self.quantization.load_in == "8bit":
             raise ValueError("DoRA is not supported on 8-bit bases by peft; use `load_in: 4bit` or `kind: lora`")
         return self
@@ -215,8 +219,11 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     updates["model"] = model
 
     def sources(items: list[DataSource], key: str) -> list[DataSource]:
+        # Files must exist; a name that is not a file is a dataset folder if one exists there, else a hub id.
         return [
-            s.model_copy(update={"path": str(local(s.path, f"{key}[{i}].path"))}) if s.is_local else s
+            s.model_copy(update={"path": str(local(s.path, f"{key}[{i}].path"))})
+            if s.is_local or (base / s.path).is_dir()
+            else s
             for i, s in enumerate(items)
         ]
 

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from llmtune.builtin_models import ensure_builtin
-from llmtune.errors import LlmtuneError
 from llmtune.config import BUILTIN_PREFIX, ModelSection, QuantizationSection
+from llmtune.errors import LlmtuneError
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +97,14 @@ def load_model(
     device_map: str | dict | None = None,
 ) -> PreTrainedModel:
     source = source or resolve_source(section)
-    kwargs = dict(
-        gguf_file=source.gguf_file,
-        revision=section.revision,
-        trust_remote_code=section.trust_remote_code,
-        dtype=resolve_dtype(section),
-        attn_implementation=section.attn_implementation,
-        use_safetensors=None if source.gguf_file else True,  # never unpickle weights we did not write
-    )
+    kwargs = {
+        "gguf_file": source.gguf_file,
+        "revision": section.revision,
+        "trust_remote_code": section.trust_remote_code,
+        "dtype": resolve_dtype(section),
+        "attn_implementation": section.attn_implementation,
+        "use_safetensors": None if source.gguf_file else True,  # never unpickle weights we did not write
+    }
     bnb = quantization_config(quantization)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
@@ -122,7 +122,7 @@ def load_model(
 
 def _local_device() -> str | int:
     if torch.cuda.is_available():
-        return int(os.environ.get("LOCAL_RANK", 0))
+        return int(os.environ.get("LOCAL_RANK", "0"))
     return "cpu"
 
 

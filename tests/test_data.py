@@ -32,9 +32,16 @@ SMOLLM2_TEMPLATE = (
     ("row", "fmt"),
     [
         ({"messages": EXPECTED}, "auto"),
-        ({"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}, "auto"),
+        (
+            {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q"},
+                               {"from": "gpt", "value": "A"}]},
+            "auto",
+        ),
         ({"instruction": "Q", "input": "", "output": "A", "system": "S"}, "auto"),
-        ({"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], "completion": "A"}, "prompt_completion"),
+        (
+            {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], "completion": "A"},
+            "prompt_completion",
+        ),
     ],
     ids=["messages", "sharegpt", "alpaca", "prompt-completion"],
 )
@@ -173,7 +180,7 @@ def test_loss_on_all_trains_every_token(tiny_tokenizer):
 
 def test_truncation_that_removes_every_answer_is_reported(tiny_tokenizer):
     template = training_chat_template(tiny_tokenizer)
-    with pytest.raises(RowError, match="no trainable tokens .after truncation to max_length=8"):
+    with pytest.raises(RowError, match=r"no trainable tokens \(after truncation to max_length=8\)"):
         tokenize_messages(tiny_tokenizer, CONVERSATION, template, "assistant", 8)
 
 
@@ -199,19 +206,20 @@ def test_template_without_markers_gets_an_identical_training_variant(tiny_tokeni
     assert tokenizer.apply_chat_template(messages, tokenize=False) == tokenizer.apply_chat_template(
         messages, tokenize=False, chat_template=template
     )
-    ids, labels, _ = tokenize_messages(tokenizer, messages, template, "assistant", None)
+    _ids, labels, _ = tokenize_messages(tokenizer, messages, template, "assistant", None)
     assert tokenizer.decode([t for t in labels if t != -100]) == "A biguanide.<|im_end|>Type 2 diabetes.<|im_end|>"
 
 
 def test_unknown_template_without_markers_is_refused(tiny_tokenizer):
     tokenizer = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
     tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    with pytest.raises(ChatTemplateError, match="data.loss_on: all"):
+    with pytest.raises(ChatTemplateError, match=r"data\.loss_on: all"):
         training_chat_template(tokenizer)
 
 
 def test_tokenization_is_cached_and_invalidated_by_the_template(tmp_path, chat_file, tiny_tokenizer, monkeypatch):
-    recipe = load_recipe(write_recipe(tmp_path, chat_file, data={"train": [{"path": str(chat_file)}], "validation_fraction": 0.25}))
+    data = {"train": [{"path": str(chat_file)}], "validation_fraction": 0.25}
+    recipe = load_recipe(write_recipe(tmp_path, chat_file, data=data))
     template = training_chat_template(tiny_tokenizer)
     first = prepare_data(recipe, tiny_tokenizer, template)
     assert not first.from_cache and (len(first.train), len(first.validation)) == (18, 6)
@@ -227,5 +235,22 @@ def test_tokenization_is_cached_and_invalidated_by_the_template(tmp_path, chat_f
     assert not changed.from_cache and changed.cache_path != first.cache_path
     edited = tmp_path / "edited.jsonl"
     edited.write_text(chat_file.read_text().replace("Item 3 ", "Item three "))
-    other = load_recipe(write_recipe(tmp_path, edited, data={"train": [{"path": str(edited)}], "validation_fraction": 0.25}))
+    data = {"train": [{"path": str(edited)}], "validation_fraction": 0.25}
+    other = load_recipe(write_recipe(tmp_path, edited, data=data))
     assert not prepare_data(other, tiny_tokenizer, template).from_cache
+
+
+def test_dataset_folder_loads_through_datasets(tmp_path, chat_file, tiny_tokenizer):
+    folder = tmp_path / "my-dataset"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(chat_file.read_text())
+    recipe = load_recipe(write_recipe(tmp_path, chat_file, data={"train": [{"path": "my-dataset"}]}))
+    assert recipe.data.train[0].path == str(folder)  # resolved against the recipe's folder
+    prepared = prepare_data(recipe, tiny_tokenizer, training_chat_template(tiny_tokenizer))
+    assert len(prepared.train) == 24 and len(prepared.sources[0]["sha256"]) == 64
+
+
+def test_hub_dataset_offline_fails_naming_the_dataset(tmp_path, chat_file, tiny_tokenizer):
+    recipe = load_recipe(write_recipe(tmp_path, chat_file, data={"train": [{"path": "no-org/no-such-dataset"}]}))
+    with pytest.raises(DataError, match="no-org/no-such-dataset: cannot load hub dataset"):
+        prepare_data(recipe, tiny_tokenizer, None)

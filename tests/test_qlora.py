@@ -101,12 +101,13 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().contiguous().view(torch.uint8).clone()
 
 
-def test_qlora_sft_trains_the_adapter_and_keeps_the_4bit_base(tmp_path, chat_file):
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_sft_trains_the_adapter_and_keeps_the_base(tmp_path, chat_file, bits):
     recipe = load_recipe(
         write_recipe(
             tmp_path,
             chat_file,
-            quantization={"load_in": "4bit", "compute_dtype": "float32"},
+            quantization={"load_in": bits, "compute_dtype": "float32"},
             data={"train": [{"path": str(chat_file)}], "validation_fraction": 0.25},
             train={"max_steps": 8, "eval_steps": 4, "logging_steps": 1},
         )

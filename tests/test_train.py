@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -128,8 +129,25 @@ def test_packed_rows_never_attend_across_samples(tmp_path, chat_file):
     with torch.no_grad():
         packed_logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
         bounds = [*starts, len(input_ids)]
-        for begin, end in zip(bounds, bounds[1:]):
+        for begin, end in itertools.pairwise(bounds):
             alone = model(input_ids=input_ids[begin:end].unsqueeze(0)).logits[0]
             torch.testing.assert_close(packed_logits[begin:end], alone, atol=1e-5, rtol=1e-4)
     # Labels at each sample start are masked, so no sample learns to predict the next one's first token.
     assert all(batch["labels"][0][s] == -100 for s in starts)
+
+
+@pytest.mark.parametrize("adapter", [{"kind": "dora"}, {"rslora": True}, {"target_modules": ["q_proj", "v_proj"]}])
+def test_adapter_variants_train_and_save_their_config(tmp_path, chat_file, adapter):
+    recipe = load_recipe(write_recipe(tmp_path, chat_file, adapter=adapter, train={"max_steps": 3}))
+    sft.main(recipe)
+    config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert config["use_dora"] == (adapter.get("kind") == "dora")
+    assert config["use_rslora"] == adapter.get("rslora", False)
+    expected = set(adapter.get("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"]))
+    assert {name.rsplit(".", 1)[-1] for name in config["target_modules"]} == expected
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert any("lora_magnitude_vector" in k for k in weights) == (adapter.get("kind") == "dora")
+    assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)  # B starts at zero; it moved

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.config import DataSection, DataSource
-from llmtune.errors import LlmtuneError
 from llmtune.data.formats import RowError, to_messages
+from llmtune.errors import LlmtuneError
 
 
 class DataError(LlmtuneError, ValueError):
@@ -60,11 +61,22 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def folder_sha256(path: str | Path) -> str:
+    """One hash over every file of a dataset folder (relative names and contents)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(file_sha256(file).encode())
+    return digest.hexdigest()
+
+
 def source_fingerprint(source: DataSource) -> dict[str, Any]:
     """What identifies a source's content: the file hash, or the hub id + split."""
     info: dict[str, Any] = {"path": source.path, "format": source.format, "max_rows": source.max_rows}
     if source.is_local:
         info["sha256"] = file_sha256(source.path)
+    elif Path(source.path).is_dir():
+        info.update(split=source.split, subset=source.subset, sha256=folder_sha256(source.path))
     else:
         info.update(split=source.split, subset=source.subset)
     return info
@@ -138,7 +150,7 @@ def _decode_cell(value: Any) -> Any:
             return value
     if hasattr(value, "tolist"):
         return value.tolist()
-    if isinstance(value, float) and value != value:  # NaN from an empty CSV cell
+    if isinstance(value, float) and math.isnan(value):  # an empty CSV cell
         return None
     return value
 
@@ -149,5 +161,6 @@ def _read_hub(source: DataSource) -> Iterator[tuple[int, Any]]:
     try:
         dataset = datasets.load_dataset(source.path, source.subset, split=source.split)
     except Exception as err:  # datasets raises many types; the user needs the id and the reason
-        raise DataError(f"{source.path}: cannot load hub dataset (split {source.split!r}): {err}") from None
+        kind = "dataset folder" if Path(source.path).is_dir() else "hub dataset"
+        raise DataError(f"{source.path}: cannot load {kind} (split {source.split!r}): {err}") from None
     yield from enumerate(dataset, start=1)

@@ -11,7 +11,6 @@ from trl import SFTConfig
 from llmtune.config import Recipe
 from llmtune.errors import LlmtuneError
 
-
 # transformers 5 renamed gradient_checkpointing to activation_checkpointing, but TRL 1.16 still sets the old
 # name itself, so the warning fires whatever we pass. Drop this filter when TRL uses the new name.
 warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
@@ -34,10 +33,7 @@ def mixed_precision(recipe: Recipe) -> dict[str, bool]:
 
 def sft_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> SFTConfig:
     train = recipe.train
-    if train.eval_steps:
-        eval_strategy = "steps"
-    else:
-        eval_strategy = "epoch" if has_validation else "no"
+    eval_strategy = "steps" if train.eval_steps else ("epoch" if has_validation else "no")
     return SFTConfig(
         output_dir=str(output_dir),
         seed=recipe.seed,

@@ -1,0 +1,18 @@
+"""The code base stays clean under the project's ruff rules (pyproject.toml)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    if not Path(ruff).exists():
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    result = subprocess.run([ruff, "check", "llmtune", "tests"], cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout
