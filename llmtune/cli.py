@@ -39,9 +39,13 @@ def _setup_logging() -> None:
     # Only the main process talks under torchrun/accelerate; the other ranks log warnings and errors.
     rank = int(os.environ.get("RANK", "0"))
     level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(
-        level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)], force=True
-    )
+    if err_console.is_terminal:
+        handler: logging.Handler = RichHandler(console=err_console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # files and pipes get whole lines: rich would wrap paths mid-word
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # bitsandbytes warns at import that the optional `kernels` package is absent; its own CPU path is used.
@@ -62,18 +66,32 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 def train(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in output_dir.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start again: replace a finished run and its checkpoints in output_dir.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Require a checkpoint to resume from (by default resume if one exists).")
+    ] = False,
+    force_resume: Annotated[
+        bool, typer.Option(help="Resume even though the recipe or data changed since the checkpoint.")
+    ] = False,
 ) -> None:
-    """Train an adapter as the recipe says (also under `accelerate launch -m llmtune train` or torchrun)."""
+    """Train an adapter as the recipe says (also under `accelerate launch -m llmtune train` or torchrun).
+
+    An interrupted run resumes from its newest complete checkpoint when started again."""
     from llmtune.config import load_recipe
 
     resolved = load_recipe(recipe, set_)  # before any heavy import: a bad recipe fails in milliseconds
     _setup_logging()
     from llmtune.train import sft
 
-    out = sft.main(resolved, overwrite=overwrite)
+    mode = "require" if resume else "auto"
+    out = sft.main(resolved, overwrite=overwrite, resume=mode, force_resume=force_resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        console.print(f"[green]done[/green] {out}")
+        if out is None:
+            console.print(f"[yellow]stopped[/yellow]: checkpoint saved; run the same command to resume ({recipe})")
+        else:
+            console.print(f"[green]done[/green] {out}")
 
 
 @models_app.command("list")

@@ -111,6 +111,9 @@ class TrainSection(Section):
     gradient_checkpointing: bool = False
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0)
+    # Checkpoints (atomic; resume picks the newest complete one). None: only at the end and on SIGTERM.
+    save_steps: int | None = Field(None, gt=0)
+    save_total_limit: int = Field(2, ge=1)
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
     dataloader_num_workers: int = Field(0, ge=0)
 

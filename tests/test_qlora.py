@@ -121,4 +121,4 @@ def test_quantized_sft_trains_the_adapter_and_keeps_the_base(tmp_path, chat_file
     after = dict(model.named_parameters())
     assert all(torch.equal(_bits(after[n]), t) for n, t in packed.items())
     assert all(not torch.equal(after[n].detach(), t) for n, t in lora.items())
-    assert any("eval_loss" in r for r in session.history.records)
+    assert any("eval_loss" in r for r in session.trainer.state.log_history)

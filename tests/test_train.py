@@ -36,7 +36,7 @@ def test_lora_changes_only_the_adapter_and_loss_falls(tmp_path, chat_file):
         assert torch.equal(tensor, base_before[name]), f"base weight changed: {name}"
     changed = [n for n, t in _lora_state(model).items() if not torch.equal(t, lora_before[n])]
     assert len(changed) == len(lora_before), "every LoRA matrix should move"
-    losses = [r["loss"] for r in session.history.records if "loss" in r]
+    losses = [r["loss"] for r in session.trainer.state.log_history if "loss" in r]
     assert len(losses) >= 30
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses  # a random tiny model moves slowly
 
@@ -102,7 +102,7 @@ def _loss_curve(tmp_path, chat_file, batch_size: int, grad_accum: int) -> list[f
     )
     session = sft.build_trainer(recipe)
     session.trainer.train()
-    return [r["loss"] for r in session.history.records if "loss" in r]
+    return [r["loss"] for r in session.trainer.state.log_history if "loss" in r]
 
 
 def test_gradient_accumulation_matches_a_bigger_batch(tmp_path, chat_file):

@@ -58,7 +58,10 @@ def sft_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> SFTCon
         logging_first_step=True,
         eval_strategy=eval_strategy,
         eval_steps=train.eval_steps,
-        save_strategy="no",
+        # Checkpoints also happen on SIGTERM whatever the strategy (llmtune/train/guards.py).
+        save_strategy="steps" if train.save_steps else "no",
+        save_steps=train.save_steps or 500,
+        save_total_limit=train.save_total_limit,
         report_to=list(train.report_to) or "none",
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=train.dataloader_num_workers,

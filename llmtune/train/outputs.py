@@ -39,6 +39,8 @@ class RunStats:
     losses: list[dict[str, float]] = field(default_factory=list)
     trainable_parameters: int = 0
     total_parameters: int = 0
+    resumed_from: str | None = None
+    tokens_this_process: int | None = None  # tokens seen since this process started (after a resume)
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
@@ -80,7 +82,8 @@ def build_manifest(
             "steps": stats.steps,
             "final_loss": stats.final_loss,
             "tokens_seen": stats.tokens_seen,
-            "tokens_per_second": stats.tokens_seen / stats.train_seconds if stats.train_seconds else None,
+            "tokens_per_second": _rate(stats),
+            "resumed_from": stats.resumed_from,
             "train_seconds": round(stats.train_seconds, 3),
             "trainable_parameters": stats.trainable_parameters,
             "total_parameters": stats.total_parameters,
@@ -89,6 +92,11 @@ def build_manifest(
         "wall_seconds": round(stats.wall_seconds, 3),
         "memory": peak_memory(),
     }
+
+
+def _rate(stats: RunStats) -> float | None:
+    tokens = stats.tokens_this_process if stats.tokens_this_process is not None else stats.tokens_seen
+    return tokens / stats.train_seconds if stats.train_seconds else None
 
 
 def write_run_outputs(trainer, tokenizer, template: str | None, recipe: Recipe, manifest: dict[str, Any]) -> Path:

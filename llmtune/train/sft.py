@@ -1,6 +1,8 @@
 """Supervised fine-tuning: a typed recipe in, an adapter folder out. TRL's SFTTrainer does the training.
 
 Runs the same under `llmtune train RECIPE` and `accelerate launch -m llmtune train RECIPE` (or torchrun).
+llmtune adds what TRL leaves out: atomic checkpoints and exact resume, a stop on non-finite gradients, a
+clean stop on SIGTERM, and a refusal to resume with changed inputs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from accelerate import PartialState
-from transformers import TrainerCallback, set_seed
+from transformers import set_seed
 from trl import SFTTrainer
 
 from llmtune.chat_template import stop_token_trained, training_chat_template
@@ -20,31 +22,29 @@ from llmtune.data.tokenize import PreparedData, prepare_data
 from llmtune.models import load_model, load_tokenizer, resolve_source
 from llmtune.train.adapters import lora_config
 from llmtune.train.arguments import sft_config
+from llmtune.train.checkpoints import AtomicCheckpoints
+from llmtune.train.guards import DivergenceGuard, PreemptionGuard, ThroughputMeter
 from llmtune.train.outputs import RunStats, build_manifest, check_output_dir, write_run_outputs
+from llmtune.train.resume import ResumeMode, choose_checkpoint, prepare_output_dir, run_fingerprint
 
 log = logging.getLogger("llmtune.sft")
 
 
-class LossHistory(TrainerCallback):
-    """Keeps every logged training/eval record so the manifest carries the loss curve."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, float]] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
-            self.records.append({"step": state.global_step, **{k: float(v) for k, v in logs.items()}})
+class LlmtuneSFTTrainer(AtomicCheckpoints, SFTTrainer):
+    """TRL's SFTTrainer with atomic, hash-listed checkpoints."""
 
 
 @dataclass
 class SftSession:
     """Everything `main` needs after set-up; tests drive the trainer directly."""
 
-    trainer: SFTTrainer
+    trainer: LlmtuneSFTTrainer
     tokenizer: object
     template: str | None
     data: PreparedData
-    history: LossHistory
+    preemption: PreemptionGuard
+    throughput: ThroughputMeter
+    fingerprint: dict
 
 
 def build_trainer(recipe: Recipe) -> SftSession:
@@ -62,43 +62,69 @@ def build_trainer(recipe: Recipe) -> SftSession:
         "from cache" if data.from_cache else f"tokenized into {data.cache_path}",
     )
     model = load_model(recipe.model, recipe.quantization, source)
-    history = LossHistory()
-    trainer = SFTTrainer(
+    fingerprint = run_fingerprint(recipe, data.sources)
+    preemption, throughput = PreemptionGuard(), ThroughputMeter()
+    trainer = LlmtuneSFTTrainer(
         model=model,
         args=sft_config(recipe, Path(recipe.output_dir), has_validation=data.validation is not None),
         train_dataset=data.train.select_columns(["input_ids", "labels"]),
         eval_dataset=data.validation.select_columns(["input_ids", "labels"]) if data.validation else None,
         processing_class=tokenizer,
         peft_config=lora_config(recipe.adapter),
-        callbacks=[history],
+        callbacks=[DivergenceGuard(), preemption, throughput],
+        run_info=fingerprint,
     )
-    return SftSession(trainer, tokenizer, template, data, history)
+    return SftSession(trainer, tokenizer, template, data, preemption, throughput, fingerprint)
 
 
-def main(recipe: Recipe, overwrite: bool = False) -> Path:
+def main(
+    recipe: Recipe, overwrite: bool = False, resume: ResumeMode = "auto", force_resume: bool = False
+) -> Path | None:
+    """Train; returns the output folder, or None when stopped by a signal (a checkpoint was saved)."""
     started = time.perf_counter()
+    state = PartialState()
     output_dir = Path(recipe.output_dir)
     check_output_dir(output_dir, overwrite)
     session = build_trainer(recipe)
     trainer = session.trainer
+    if state.is_main_process:
+        prepare_output_dir(output_dir, fresh=overwrite)
+    state.wait_for_everyone()
+    checkpoint = choose_checkpoint(output_dir, "never" if overwrite else resume, session.fingerprint, force_resume)
+
     trainable, total = _parameter_counts(trainer.model)
     log.info("training %d of %d parameters (%.3f%%)", trainable, total, 100 * trainable / total)
-
+    session.preemption.install()
     train_started = time.perf_counter()
-    result = trainer.train()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        session.preemption.uninstall()
     train_seconds = time.perf_counter() - train_started
 
+    if session.preemption.stopped_at is not None:
+        log.warning(
+            "stopped by %s at step %d; checkpoint saved in %s. Resume with the same command "
+            "(llmtune train RECIPE resumes from the newest complete checkpoint).",
+            session.preemption.requested,
+            session.preemption.stopped_at,
+            output_dir,
+        )
+        return None
+
+    history = trainer.state.log_history  # restored on resume, so it covers the whole run
     stats = RunStats(
         wall_seconds=time.perf_counter() - started,
         train_seconds=train_seconds,
         steps=result.global_step,
         tokens_seen=int(trainer.state.num_input_tokens_seen),
-        final_loss=_last(session.history.records, "loss"),
-        losses=session.history.records,
+        final_loss=_last(history, "loss"),
+        losses=history,
         trainable_parameters=trainable,
         total_parameters=total,
+        resumed_from=str(checkpoint) if checkpoint else None,
+        tokens_this_process=int(trainer.state.num_input_tokens_seen) - session.throughput.tokens_at_start,
     )
-    state = PartialState()
     if state.is_main_process:
         manifest = build_manifest(recipe, session.data.report, session.data.sources, stats, state.num_processes)
         write_run_outputs(trainer, session.tokenizer, session.template, recipe, manifest)
