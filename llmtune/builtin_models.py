@@ -61,6 +61,11 @@ def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build(staging)
+        # transformers 5 silently skips writing weights on a non-zero torch.distributed rank; never publish
+        # a folder without them (callers build on the main process first: see train/sft.py).
+        missing = [n for n in ("config.json", "model.safetensors") if not (staging / n).is_file()]
+        if missing:
+            raise BuiltinModelError(f"building {target.name} wrote no {', '.join(missing)}")
         try:
             staging.rename(target)
         except OSError:  # another process finished first

@@ -21,8 +21,11 @@ from llmtune.train import sft
 class SignalAt(TrainerCallback):
     def __init__(self, sig: signal.Signals, step: int | None = None, epoch: int | None = None) -> None:
         self.sig, self.step, self.epoch = sig, step, epoch
+        self.only_rank = os.environ.get("FAULT_ONLY_RANK")  # e.g. "0": the signal reaches one rank only
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.only_rank is not None and os.environ.get("RANK", "0") != self.only_rank:
+            return
         if self.step is not None and state.global_step == self.step:
             os.kill(os.getpid(), self.sig)
 

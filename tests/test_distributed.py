@@ -66,3 +66,20 @@ def test_accelerate_launch_two_processes_match_one(tmp_path, chat_file, single_p
     result = _launch(command)
     assert result.returncode == 0, result.stderr[-4000:]
     _compare(single_process_run, tmp_path / "accel" / "run")
+
+
+def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step(tmp_path, chat_file):
+    recipe = _recipe(tmp_path / "preempted", chat_file, batch_size=2)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env_one_rank = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT_ONLY_RANK": "0"}
+    stopped = subprocess.run([*torchrun, "-m", "tests.fault_driver", str(recipe), "--sigterm-at-step", "2"],
+                             cwd=REPO, env=env_one_rank, capture_output=True, text=True, timeout=600, check=False)
+    assert stopped.returncode == 0, stopped.stderr[-4000:]
+    assert stopped.stdout.count("stopped") == 2  # both ranks left the loop cleanly
+    run = tmp_path / "preempted" / "run"
+    [checkpoint] = list(run.glob("checkpoint-*"))
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
+    resumed = _launch([*torchrun, "-m", "llmtune", "train", str(recipe)])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resuming from {checkpoint}" in resumed.stderr
+    assert json.loads((run / "manifest.json").read_text())["train"]["steps"] == 6

@@ -12,13 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from accelerate import PartialState
 from transformers import set_seed
 from trl import SFTTrainer
 
 from llmtune.chat_template import stop_token_trained, training_chat_template
 from llmtune.config import Recipe
 from llmtune.data.tokenize import PreparedData, prepare_data
+from llmtune.distributed import process_state
 from llmtune.models import load_model, load_tokenizer, resolve_source
 from llmtune.train.adapters import lora_config
 from llmtune.train.arguments import sft_config
@@ -48,9 +48,10 @@ class SftSession:
 
 
 def build_trainer(recipe: Recipe) -> SftSession:
-    state = PartialState()
+    state = process_state()
     set_seed(recipe.seed)
-    source = resolve_source(recipe.model)
+    with state.main_process_first():  # rank 0 builds a builtin model into the cache; the others reuse it
+        source = resolve_source(recipe.model)
     tokenizer = load_tokenizer(recipe.model, source)
     template = chat_template_for_training(recipe, tokenizer)
     with state.main_process_first():  # rank 0 tokenizes and caches; the others read its cache
@@ -82,7 +83,7 @@ def main(
 ) -> Path | None:
     """Train; returns the output folder, or None when stopped by a signal (a checkpoint was saved)."""
     started = time.perf_counter()
-    state = PartialState()
+    state = process_state()
     output_dir = Path(recipe.output_dir)
     check_output_dir(output_dir, overwrite)
     session = build_trainer(recipe)
