@@ -63,6 +63,10 @@ def test_train_command_writes_a_complete_loadable_run(tmp_path, chat_file):
     # A second run into a finished folder is refused, not mixed in.
     again = run_cli("train", str(path))
     assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    # --overwrite starts again: the old manifest is gone before training, a new one marks the new run.
+    overwritten = run_cli("train", str(path), "--overwrite", "--set", "train.max_steps=2")
+    assert overwritten.returncode == 0, overwritten.stderr[-2000:]
+    assert json.loads((out / "manifest.json").read_text())["train"]["steps"] == 2
 
     # The adapter loads with plain transformers + peft in a fresh process and generates.
     script = f"""

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from llmtune.config import Recipe
 from llmtune.errors import LlmtuneError
 from llmtune.train.checkpoints import latest_checkpoint, remove_leftovers, verify_checkpoint
+from llmtune.train.outputs import MANIFEST
 
 log = logging.getLogger("llmtune.resume")
 
@@ -41,6 +42,8 @@ def run_fingerprint(recipe: Recipe, sources: list[dict[str, Any]]) -> dict[str, 
 def prepare_output_dir(output_dir: Path, fresh: bool) -> None:
     """Remove what a killed checkpoint write left behind; with `fresh`, every checkpoint too."""
     if fresh and output_dir.exists():
+        # The old manifest goes first: until the new run finishes, the folder must not claim to be finished.
+        (output_dir / MANIFEST).unlink(missing_ok=True)
         for path in output_dir.glob("checkpoint-*"):
             shutil.rmtree(path)
     if output_dir.exists():
