@@ -83,10 +83,13 @@ def train(
 
     resolved = load_recipe(recipe, set_)  # before any heavy import: a bad recipe fails in milliseconds
     _setup_logging()
-    from llmtune.train import sft
+    if resolved.method == "dpo":
+        from llmtune.train import dpo as method
+    else:
+        from llmtune.train import sft as method
 
     mode = "require" if resume else "auto"
-    out = sft.main(resolved, overwrite=overwrite, resume=mode, force_resume=force_resume)
+    out = method.main(resolved, overwrite=overwrite, resume=mode, force_resume=force_resume)
     if int(os.environ.get("RANK", "0")) == 0:
         if out is None:
             console.print(f"[yellow]stopped[/yellow]: checkpoint saved; run the same command to resume ({recipe})")

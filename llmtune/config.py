@@ -59,7 +59,7 @@ class AdapterSection(Section):
     modules_to_save: list[str] = []
 
 
-DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion"]
+DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "preference"]
 
 
 class DataSource(Section):
@@ -118,8 +118,20 @@ class TrainSection(Section):
     dataloader_num_workers: int = Field(0, ge=0)
 
 
+class DpoSection(Section):
+    """Preference optimisation (method: dpo) through TRL's DPOTrainer."""
+
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    # Reference log-probs computed once before training (one extra pass) instead of at every step.
+    precompute_ref_log_probs: bool = False
+    # An SFT output folder to continue from: its recipe gives the base model, its adapter the starting point
+    # (and, frozen, the reference), its tokenizer the chat template.
+    from_run: Path | None = None
+
+
 class Recipe(Section):
-    method: Literal["sft"] = "sft"
+    method: Literal["sft", "dpo"] = "sft"
     output_dir: Path
     seed: int = 42
     model: ModelSection
@@ -127,10 +139,21 @@ class Recipe(Section):
     adapter: AdapterSection | None = None
     data: DataSection
     train: TrainSection = TrainSection()
+    dpo: DpoSection = DpoSection()
 
     @model_validator(mode="after")
     def _rules(self) -> Recipe:
-        if self.quantization is not None and self.adapter is None:
+        from_run = self.dpo.from_run
+        if from_run is not None and self.method != "dpo":
+            raise ValueError("`dpo.from_run` is only used with `method: dpo`")
+        if from_run is not None and self.adapter is not None:
+            raise ValueError("with `dpo.from_run` the adapter comes from that run: remove the `adapter:` section")
+        if self.method == "dpo" and self.adapter is None and from_run is None:
+            raise ValueError(
+                "DPO in llmtune trains an adapter, so the reference model is the same weights with the adapter "
+                "off (never a second copy): add an `adapter:` section or `dpo.from_run`"
+            )
+        if self.quantization is not None and self.adapter is None and from_run is None:
             raise ValueError(
                 f"a {self.quantization.load_in} base cannot be trained directly: add an `adapter:` section (QLoRA)"
             )
@@ -160,11 +183,30 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     for override in overrides or []:
         apply_override(raw, override, path)
     _refuse_secrets(raw, path)
+    _inherit_from_run(raw, path)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise RecipeError(f"{path}: invalid recipe\n" + _explain(err)) from None
     return _resolve_paths(recipe, path.parent)
+
+
+def _inherit_from_run(raw: dict[str, Any], path: Path) -> None:
+    """`dpo.from_run`: take the base model (and its quantization) from that run's saved recipe."""
+    from_run = (raw.get("dpo") or {}).get("from_run") if isinstance(raw.get("dpo"), dict) else None
+    if not from_run:
+        return
+    run = (path.parent / from_run).resolve()
+    saved = run / "recipe.yaml"
+    if not (run / "adapter_config.json").is_file() or not saved.is_file():
+        raise RecipeError(f"{path}: dpo.from_run: {from_run} is not a finished llmtune run with an adapter")
+    previous = yaml.safe_load(saved.read_text())
+    if "model" in raw and raw["model"] != previous["model"]:
+        raise RecipeError(f"{path}: model: differs from the base model of dpo.from_run ({from_run}); remove it")
+    raw["model"] = previous["model"]
+    if previous.get("quantization") is not None and "quantization" not in raw:
+        raw["quantization"] = previous["quantization"]
+    raw["dpo"]["from_run"] = str(run)
 
 
 def apply_override(raw: dict[str, Any], override: str, path: Path) -> None:

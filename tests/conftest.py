@@ -51,3 +51,18 @@ def chat_file(tmp_path) -> Path:
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def finished_sft_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A real, finished tiny-model SFT run: what DPO recipes name in `dpo.from_run`."""
+    from llmtune.config import load_recipe
+    from llmtune.train import sft
+    from tests.helpers import REPO
+
+    folder = tmp_path_factory.mktemp("finished-sft")
+    recipe = load_recipe(
+        REPO / "recipes" / "clinical-qa" / "sft-tiny.yaml",
+        [f"output_dir={folder / 'run'}", "train.max_steps=2", "data.validation_fraction=0"],
+    )
+    return sft.main(recipe)

@@ -15,7 +15,7 @@ import signal
 from transformers import Trainer, TrainerCallback
 
 from llmtune.config import load_recipe
-from llmtune.train import sft
+from llmtune.train import dpo, sft
 
 
 class SignalAt(TrainerCallback):
@@ -65,7 +65,9 @@ def main() -> None:
     elif args.sigkill_during_save:
         _kill_during_save(args.sigkill_during_save)
 
-    build = sft.build_trainer
+    recipe = load_recipe(args.recipe)
+    method = dpo if recipe.method == "dpo" else sft
+    build = method.build_trainer
 
     def build_with_fault(recipe):
         session = build(recipe)
@@ -73,8 +75,8 @@ def main() -> None:
             session.trainer.add_callback(fault)
         return session
 
-    sft.build_trainer = build_with_fault
-    out = sft.main(load_recipe(args.recipe))
+    method.build_trainer = build_with_fault
+    out = method.main(recipe)
     print("finished" if out else "stopped")
 
 

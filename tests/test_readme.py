@@ -37,18 +37,21 @@ def test_ci_runs_every_test_command_of_the_readme():
             assert command in ci, command
 
 
-def _runnable(command: str, out: Path) -> str:
+def _runnable(command: str, out: Path, sft_run: Path | None) -> str:
     """The README command as the tests run it: tiny model, a temporary output folder, this venv."""
     command = command.removeprefix(SETUP)  # CI runs the set-up itself, from scratch
-    command = command.replace("sft-smollm2.yaml", "sft-tiny.yaml").replace(".venv/bin/", f"{BIN}/")
+    command = command.replace("-smollm2.yaml", "-tiny.yaml").replace(".venv/bin/", f"{BIN}/")
     if " train " in command:
         command = re.sub(r" --set output_dir=\S+", "", command) + f" --set output_dir={shlex.quote(str(out))}"
+    if sft_run is not None:
+        command += f" --set dpo.from_run={shlex.quote(str(sft_run))}"
     return command
 
 
 @pytest.mark.parametrize("command", [c for c in readme_commands() if "pytest" not in c])
-def test_readme_command_runs(command, tmp_path):
-    runnable = _runnable(command, tmp_path / "run")
+def test_readme_command_runs(command, tmp_path, request):
+    sft_run = request.getfixturevalue("finished_sft_run") if "dpo-" in command else None
+    runnable = _runnable(command, tmp_path / "run", sft_run)
     env = {**os.environ, "OMP_NUM_THREADS": "1" if "launch" in command else os.environ.get("OMP_NUM_THREADS", "")}
     result = subprocess.run(runnable, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{runnable}\n{result.stderr[-4000:]}"

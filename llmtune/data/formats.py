@@ -4,6 +4,8 @@
 - sharegpt:           {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}
 - alpaca:             {"instruction": ..., "input": ..., "output": ..., "system"?: ...}
 - prompt_completion:  {"prompt": str | messages, "completion": str | messages}
+
+Preference pairs (DPO) have their own canonical form, {prompt, chosen, rejected}: see `to_preference`.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def to_messages(row: dict[str, Any], fmt: str, system_prompt: str | None = None)
     return messages
 
 
-def validate_messages(messages: list[Message]) -> None:
+def validate_messages(messages: list[Message], last_role: str = "assistant") -> None:
     if not messages:
         raise RowError("no messages")
     for index, message in enumerate(messages):
@@ -62,8 +64,52 @@ def validate_messages(messages: list[Message]) -> None:
             raise RowError(f"message {index} ({role}): empty or non-text content")
         if role == "system" and index != 0:
             raise RowError(f"message {index}: a system message may only come first")
-    if messages[-1]["role"] != "assistant":
-        raise RowError("the last message is not from the assistant, so there is nothing to learn at the end")
+    if messages[-1]["role"] != last_role:
+        if last_role == "assistant":
+            raise RowError("the last message is not from the assistant, so there is nothing to learn at the end")
+        raise RowError(f"the prompt must end with a {last_role} message")
+
+
+def to_preference(row: dict[str, Any], fmt: str, system_prompt: str | None = None) -> dict[str, list[Message]]:
+    """A preference pair as {prompt, chosen, rejected} message lists; raises RowError.
+
+    Accepts `prompt` + `chosen` + `rejected` as strings or message lists, or, without `prompt`, two whole
+    conversations that differ only in their last (assistant) turn.
+    """
+    if fmt not in ("auto", "preference"):
+        raise RowError(f"format {fmt!r} is not a preference format (use `preference` or `auto`)")
+    chosen, rejected = _required(row, "chosen"), _required(row, "rejected")
+    prompt = row.get("prompt")
+    if prompt is None:
+        if not (isinstance(chosen, list) and isinstance(rejected, list)) or len(chosen) < 2:
+            raise RowError("missing `prompt` (without it, `chosen` and `rejected` must be whole conversations)")
+        if chosen[:-1] != rejected[:-1]:
+            raise RowError("`chosen` and `rejected` differ before their last turn, so the prompt is ambiguous")
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    prompt_messages = _as_messages(prompt, "user", "prompt")
+    if system_prompt and prompt_messages[0]["role"] != "system":
+        prompt_messages = [{"role": "system", "content": system_prompt}, *prompt_messages]
+    validate_messages(prompt_messages, last_role="user")
+    pair = {}
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        messages = _as_messages(value, "assistant", key)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise RowError(f"`{key}` must be one assistant answer")
+        content = messages[0].get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise RowError(f"`{key}` is empty")
+        pair[key] = messages
+    if pair["chosen"][0]["content"].strip() == pair["rejected"][0]["content"].strip():
+        raise RowError("`chosen` and `rejected` are identical: the pair carries no preference")
+    return {"prompt": prompt_messages, **pair}
+
+
+def _as_messages(value: Any, role: str, key: str) -> list[Message]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        return [{"role": m.get("role"), "content": m.get("content")} for m in value]
+    raise RowError(f"`{key}` must be a string or a non-empty list of {{role, content}} messages")
 
 
 def _required(row: dict[str, Any], key: str) -> Any:

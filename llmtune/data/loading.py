@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ class DataError(LlmtuneError, ValueError):
 
 @dataclass
 class Example:
-    messages: list[dict[str, str]]
+    value: Any  # chat messages (SFT) or a {prompt, chosen, rejected} pair (preferences)
     source: str
     row: int  # 1-based row (line number for jsonl)
 
@@ -82,7 +82,10 @@ def source_fingerprint(source: DataSource) -> dict[str, Any]:
     return info
 
 
-def load_examples(sources: list[DataSource], data: DataSection) -> tuple[list[Example], LoadReport]:
+def load_examples(
+    sources: list[DataSource], data: DataSection, convert: Callable[..., Any] = to_messages
+) -> tuple[list[Example], LoadReport]:
+    """Every row through `convert(row, format, system_prompt)`; bad rows raise or are counted per reason."""
     report = LoadReport()
     examples: list[Example] = []
     for source in sources:
@@ -92,13 +95,13 @@ def load_examples(sources: list[DataSource], data: DataSection) -> tuple[list[Ex
             try:
                 if not isinstance(row, dict):
                     raise RowError(f"expected an object, got {type(row).__name__}")
-                messages = to_messages(row, source.format, data.system_prompt)
+                value = convert(row, source.format, data.system_prompt)
             except RowError as err:
                 if data.on_bad_row == "error":
                     raise DataError(f"{where}: {err} (set `data.on_bad_row: skip` to skip such rows)") from None
                 report.skip(where, str(err))
                 continue
-            examples.append(Example(messages, source.path, row_number))
+            examples.append(Example(value, source.path, row_number))
             report.rows_kept += 1
     if not examples:
         raise DataError(f"no usable rows in {', '.join(s.path for s in sources)}")

@@ -85,7 +85,7 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, template: s
     if data.validation:
         val_examples, report["loaded"]["validation_files"] = load_examples(data.validation, data)
     elif data.validation_fraction:
-        train_examples, val_examples = _split(train_examples, data.validation_fraction, recipe.seed)
+        train_examples, val_examples = split_examples(train_examples, data.validation_fraction, recipe.seed)
     else:
         val_examples = []
 
@@ -114,7 +114,7 @@ def _tokenize_split(
     for example in tqdm(examples, desc=f"Tokenizing {name}", unit="row", leave=False):
         try:
             ids, labels, was_truncated = tokenize_messages(
-                tokenizer, example.messages, template, data.loss_on, data.max_length, data.truncation
+                tokenizer, example.value, template, data.loss_on, data.max_length, data.truncation
             )
         except RowError as err:
             where = f"{example.source}: row {example.row}"
@@ -141,7 +141,7 @@ def _tokenize_split(
     return Dataset.from_dict(columns), stats
 
 
-def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(examples) * fraction))

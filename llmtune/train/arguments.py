@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from trl import SFTConfig
+from trl import DPOConfig, SFTConfig
 
 from llmtune.config import Recipe
 from llmtune.errors import LlmtuneError
@@ -31,10 +31,11 @@ def mixed_precision(recipe: Recipe) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def sft_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> SFTConfig:
+def common_args(recipe: Recipe, output_dir: Path, has_validation: bool) -> dict:
+    """TrainingArguments every method shares; each default llmtune changes from TRL's is set here."""
     train = recipe.train
     eval_strategy = "steps" if train.eval_steps else ("epoch" if has_validation else "no")
-    return SFTConfig(
+    return dict(
         output_dir=str(output_dir),
         seed=recipe.seed,
         data_seed=recipe.seed,
@@ -66,6 +67,12 @@ def sft_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> SFTCon
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=train.dataloader_num_workers,
         ddp_find_unused_parameters=False,
+    )
+
+
+def sft_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> SFTConfig:
+    return SFTConfig(
+        **common_args(recipe, output_dir, has_validation),
         # Data arrives tokenized, masked and truncated (llmtune/data/tokenize.py); TRL only packs and collates.
         max_length=recipe.data.max_length if recipe.data.packing else None,
         packing=recipe.data.packing,
@@ -73,4 +80,16 @@ def sft_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> SFTCon
         assistant_only_loss=False,
         completion_only_loss=False,
         dataset_num_proc=None,
+    )
+
+
+def dpo_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> DPOConfig:
+    dpo = recipe.dpo
+    return DPOConfig(
+        **common_args(recipe, output_dir, has_validation),
+        beta=dpo.beta,
+        loss_type=[dpo.loss_type],
+        precompute_ref_log_probs=dpo.precompute_ref_log_probs,
+        max_length=recipe.data.max_length,
+        truncation_mode=recipe.data.truncation,
     )

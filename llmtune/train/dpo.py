@@ -1,0 +1,100 @@
+"""Preference optimisation (DPO, IPO, hinge) through TRL's DPOTrainer, on a LoRA/QLoRA adapter.
+
+The reference model is never a second copy of the base: starting from the base, it is the policy with its
+adapter disabled; starting from an SFT run (`dpo.from_run`), TRL adds a frozen copy of the SFT adapter named
+"ref" next to the trainable one, so both share the single base in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from peft import PeftModel
+from transformers import AutoTokenizer
+from trl import DPOTrainer
+
+from llmtune.config import Recipe
+from llmtune.data.formats import to_preference
+from llmtune.data.loading import load_examples, source_fingerprint
+from llmtune.data.tokenize import split_examples
+from llmtune.models import load_model, load_tokenizer
+from llmtune.train import runner
+from llmtune.train.adapters import lora_config
+from llmtune.train.arguments import dpo_config
+from llmtune.train.checkpoints import AtomicCheckpoints
+from llmtune.train.resume import ResumeMode
+
+log = logging.getLogger("llmtune.dpo")
+REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of the starting adapter
+
+
+class LlmtuneDPOTrainer(AtomicCheckpoints, DPOTrainer):
+    """TRL's DPOTrainer with atomic, hash-listed checkpoints."""
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        # PEFT saves every adapter; the frozen "ref" copy is rebuilt from `dpo.from_run` on load and resume,
+        # so writing it would only double the artifact.
+        shutil.rmtree(Path(output_dir or self.args.output_dir) / REFERENCE_ADAPTER, ignore_errors=True)
+
+
+def preference_datasets(recipe: Recipe) -> tuple[Dataset, Dataset | None, dict[str, Any], list[dict[str, Any]]]:
+    """Validated pairs as conversational datasets TRL tokenizes with the model's chat template."""
+    data = recipe.data
+    train, train_report = load_examples(data.train, data, convert=to_preference)
+    report: dict[str, Any] = {"loaded": {"train_files": train_report.as_dict()}}
+    if data.validation:
+        validation, val_report = load_examples(data.validation, data, convert=to_preference)
+        report["loaded"]["validation_files"] = val_report.as_dict()
+    elif data.validation_fraction:
+        train, validation = split_examples(train, data.validation_fraction, recipe.seed)
+    else:
+        validation = []
+    report["train"] = {"rows": len(train)}
+    sources = [source_fingerprint(s) for s in [*data.train, *data.validation]]
+    train_ds = Dataset.from_list([e.value for e in train])
+    val_ds = None
+    if validation:
+        report["validation"] = {"rows": len(validation)}
+        val_ds = Dataset.from_list([e.value for e in validation])
+    return train_ds, val_ds, report, sources
+
+
+def build_trainer(recipe: Recipe) -> runner.Session:
+    source = runner.start(recipe)
+    from_run = recipe.dpo.from_run
+    # From an SFT run, its tokenizer carries the chat template the adapter was trained with.
+    tokenizer = AutoTokenizer.from_pretrained(from_run) if from_run else load_tokenizer(recipe.model, source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_ds, val_ds, report, sources = preference_datasets(recipe)
+    log.info("data: %d preference pairs for training, %d held out", len(train_ds), len(val_ds) if val_ds else 0)
+
+    model = load_model(recipe.model, recipe.quantization, source)
+    peft_config = lora_config(recipe.adapter)
+    if from_run:
+        model = PeftModel.from_pretrained(model, str(from_run), is_trainable=True)
+        peft_config = None
+    guards = runner.Guards.create()
+    trainer = LlmtuneDPOTrainer(
+        model=model,
+        ref_model=None,
+        args=dpo_config(recipe, Path(recipe.output_dir), has_validation=val_ds is not None),
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=guards.callbacks(),
+        run_info=runner.fingerprint(recipe, sources),
+    )
+    return runner.Session(trainer, tokenizer, None, report, sources, guards)
+
+
+def main(
+    recipe: Recipe, overwrite: bool = False, resume: ResumeMode = "auto", force_resume: bool = False
+) -> Path | None:
+    return runner.run(recipe, lambda r: build_trainer(r), overwrite, resume, force_resume)
