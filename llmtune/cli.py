@@ -83,8 +83,8 @@ def train(
 
     resolved = load_recipe(recipe, set_)  # before any heavy import: a bad recipe fails in milliseconds
     _setup_logging()
-    if resolved.method == "dpo":
-        from llmtune.train import dpo as method
+    if resolved.method in ("dpo", "orpo", "kto"):
+        from llmtune.train import preference as method
     else:
         from llmtune.train import sft as method
 

@@ -118,12 +118,13 @@ class TrainSection(Section):
     dataloader_num_workers: int = Field(0, ge=0)
 
 
-class DpoSection(Section):
-    """Preference optimisation (method: dpo) through TRL's DPOTrainer."""
+class PreferenceSection(Section):
+    """Preference optimisation (method: dpo | orpo | kto) through TRL's trainers."""
 
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0)  # DPO/KTO: KL strength; ORPO: weight of the odds-ratio term
+    # DPO only
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    # Reference log-probs computed once before training (one extra pass) instead of at every step.
+    # DPO/KTO: reference log-probs computed once before training (one extra pass) instead of at every step.
     precompute_ref_log_probs: bool = False
     # An SFT output folder to continue from: its recipe gives the base model, its adapter the starting point
     # (and, frozen, the reference), its tokenizer the chat template.
@@ -131,7 +132,7 @@ class DpoSection(Section):
 
 
 class Recipe(Section):
-    method: Literal["sft", "dpo"] = "sft"
+    method: Literal["sft", "dpo", "orpo", "kto"] = "sft"
     output_dir: Path
     seed: int = 42
     model: ModelSection
@@ -139,19 +140,23 @@ class Recipe(Section):
     adapter: AdapterSection | None = None
     data: DataSection
     train: TrainSection = TrainSection()
-    dpo: DpoSection = DpoSection()
+    preference: PreferenceSection = PreferenceSection()
 
     @model_validator(mode="after")
     def _rules(self) -> Recipe:
-        from_run = self.dpo.from_run
-        if from_run is not None and self.method != "dpo":
-            raise ValueError("`dpo.from_run` is only used with `method: dpo`")
+        from_run = self.preference.from_run
+        if from_run is not None and self.method == "sft":
+            raise ValueError("`preference.from_run` is only used with a preference method (dpo, orpo, kto)")
+        if self.preference.loss_type != "sigmoid" and self.method != "dpo":
+            raise ValueError("`preference.loss_type` applies to `method: dpo` only")
         if from_run is not None and self.adapter is not None:
-            raise ValueError("with `dpo.from_run` the adapter comes from that run: remove the `adapter:` section")
-        if self.method == "dpo" and self.adapter is None and from_run is None:
             raise ValueError(
-                "DPO in llmtune trains an adapter, so the reference model is the same weights with the adapter "
-                "off (never a second copy): add an `adapter:` section or `dpo.from_run`"
+                "with `preference.from_run` the adapter comes from that run: remove the `adapter:` section"
+            )
+        if self.method != "sft" and self.adapter is None and from_run is None:
+            raise ValueError(
+                "preference training in llmtune trains an adapter, so the reference model is the same weights "
+                "with the adapter off (never a second copy): add an `adapter:` section or `preference.from_run`"
             )
         if self.quantization is not None and self.adapter is None and from_run is None:
             raise ValueError(
@@ -192,21 +197,22 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def _inherit_from_run(raw: dict[str, Any], path: Path) -> None:
-    """`dpo.from_run`: take the base model (and its quantization) from that run's saved recipe."""
-    from_run = (raw.get("dpo") or {}).get("from_run") if isinstance(raw.get("dpo"), dict) else None
+    """`preference.from_run`: take the base model (and its quantization) from that run's saved recipe."""
+    section = raw.get("preference")
+    from_run = section.get("from_run") if isinstance(section, dict) else None
     if not from_run:
         return
     run = (path.parent / from_run).resolve()
     saved = run / "recipe.yaml"
     if not (run / "adapter_config.json").is_file() or not saved.is_file():
-        raise RecipeError(f"{path}: dpo.from_run: {from_run} is not a finished llmtune run with an adapter")
+        raise RecipeError(f"{path}: preference.from_run: {from_run} is not a finished llmtune run with an adapter")
     previous = yaml.safe_load(saved.read_text())
     if "model" in raw and raw["model"] != previous["model"]:
-        raise RecipeError(f"{path}: model: differs from the base model of dpo.from_run ({from_run}); remove it")
+        raise RecipeError(f"{path}: model: differs from the base model of preference.from_run ({from_run}); remove it")
     raw["model"] = previous["model"]
     if previous.get("quantization") is not None and "quantization" not in raw:
         raw["quantization"] = previous["quantization"]
-    raw["dpo"]["from_run"] = str(run)
+    section["from_run"] = str(run)
 
 
 def apply_override(raw: dict[str, Any], override: str, path: Path) -> None:

@@ -55,7 +55,7 @@ def chat_file(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def finished_sft_run(tmp_path_factory, tiny_model_dir) -> Path:
-    """A real, finished tiny-model SFT run: what DPO recipes name in `dpo.from_run`."""
+    """A real, finished tiny-model SFT run: what preference recipes name in `preference.from_run`."""
     from llmtune.config import load_recipe
     from llmtune.train import sft
     from tests.helpers import REPO

@@ -15,7 +15,7 @@ import signal
 from transformers import Trainer, TrainerCallback
 
 from llmtune.config import load_recipe
-from llmtune.train import dpo, sft
+from llmtune.train import preference, sft
 
 
 class SignalAt(TrainerCallback):
@@ -66,7 +66,7 @@ def main() -> None:
         _kill_during_save(args.sigkill_during_save)
 
     recipe = load_recipe(args.recipe)
-    method = dpo if recipe.method == "dpo" else sft
+    method = sft if recipe.method == "sft" else preference
     build = method.build_trainer
 
     def build_with_fault(recipe):

@@ -22,7 +22,7 @@ def _needs_a_finished_run(path: Path) -> bool:
 def test_every_shipped_recipe_validates(path, request):
     overrides = []
     if _needs_a_finished_run(path):  # a DPO recipe continues from an SFT run: point it at a real one
-        overrides.append(f"dpo.from_run={request.getfixturevalue('finished_sft_run')}")
+        overrides.append(f"preference.from_run={request.getfixturevalue('finished_sft_run')}")
     recipe = load_recipe(path, overrides)
     assert recipe.data.train, path
     assert all(Path(s.path).is_file() for s in recipe.data.train if s.is_local)

@@ -44,7 +44,7 @@ def _runnable(command: str, out: Path, sft_run: Path | None) -> str:
     if " train " in command:
         command = re.sub(r" --set output_dir=\S+", "", command) + f" --set output_dir={shlex.quote(str(out))}"
     if sft_run is not None:
-        command += f" --set dpo.from_run={shlex.quote(str(sft_run))}"
+        command += f" --set preference.from_run={shlex.quote(str(sft_run))}"
     return command
 
 

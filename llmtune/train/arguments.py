@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from trl import DPOConfig, SFTConfig
+from trl import DPOConfig, KTOConfig, SFTConfig
 
 from llmtune.config import Recipe
 from llmtune.errors import LlmtuneError
@@ -84,12 +84,32 @@ def sft_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> SFTCon
 
 
 def dpo_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> DPOConfig:
-    dpo = recipe.dpo
+    section = recipe.preference
     return DPOConfig(
         **common_args(recipe, output_dir, has_validation),
-        beta=dpo.beta,
-        loss_type=[dpo.loss_type],
-        precompute_ref_log_probs=dpo.precompute_ref_log_probs,
+        beta=section.beta,
+        loss_type=[section.loss_type],
+        precompute_ref_log_probs=section.precompute_ref_log_probs,
         max_length=recipe.data.max_length,
         truncation_mode=recipe.data.truncation,
+    )
+
+
+def kto_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> KTOConfig:
+    section = recipe.preference
+    return KTOConfig(
+        **common_args(recipe, output_dir, has_validation),
+        beta=section.beta,
+        precompute_ref_log_probs=section.precompute_ref_log_probs,
+        max_length=recipe.data.max_length,
+    )
+
+
+def orpo_config(recipe: Recipe, output_dir: Path, has_validation: bool):
+    from llmtune.train.experimental import ORPOConfig
+
+    return ORPOConfig(
+        **common_args(recipe, output_dir, has_validation),
+        beta=recipe.preference.beta,
+        max_length=recipe.data.max_length,
     )

@@ -1,21 +1,23 @@
-"""Preference optimisation (DPO, IPO, hinge) through TRL's DPOTrainer, on a LoRA/QLoRA adapter.
+"""Preference training on a LoRA/QLoRA adapter through TRL: DPO (sigmoid, IPO, hinge losses), KTO and ORPO.
 
-The reference model is never a second copy of the base: starting from the base, it is the policy with its
-adapter disabled; starting from an SFT run (`dpo.from_run`), TRL adds a frozen copy of the SFT adapter named
-"ref" next to the trainable one, so both share the single base in memory.
+The reference model (DPO, KTO) is never a second copy of the base: starting from the base, it is the policy
+with its adapter disabled; starting from an SFT run (`preference.from_run`), TRL adds a frozen copy of the SFT
+adapter named "ref" next to the trainable one, so both share the single base in memory. ORPO needs no
+reference at all.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
 from peft import PeftModel
 from transformers import AutoTokenizer
-from trl import DPOTrainer
+from trl import DPOTrainer, KTOTrainer
 
 from llmtune.config import Recipe
 from llmtune.data.formats import to_preference
@@ -24,7 +26,7 @@ from llmtune.data.tokenize import split_examples
 from llmtune.models import load_model, load_tokenizer
 from llmtune.train import runner
 from llmtune.train.adapters import lora_config
-from llmtune.train.arguments import dpo_config
+from llmtune.train.arguments import dpo_config, kto_config, orpo_config
 from llmtune.train.checkpoints import AtomicCheckpoints
 from llmtune.train.resume import ResumeMode
 
@@ -32,14 +34,38 @@ log = logging.getLogger("llmtune.dpo")
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of the starting adapter
 
 
-class LlmtuneDPOTrainer(AtomicCheckpoints, DPOTrainer):
-    """TRL's DPOTrainer with atomic, hash-listed checkpoints."""
+class DropReferenceAdapter:
+    """Trainer mixin: PEFT saves every adapter; the frozen "ref" copy is rebuilt from `preference.from_run` on
+    load and resume, so writing it would only double the artifact."""
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
-        # PEFT saves every adapter; the frozen "ref" copy is rebuilt from `dpo.from_run` on load and resume,
-        # so writing it would only double the artifact.
         shutil.rmtree(Path(output_dir or self.args.output_dir) / REFERENCE_ADAPTER, ignore_errors=True)
+
+
+class LlmtuneDPOTrainer(AtomicCheckpoints, DropReferenceAdapter, DPOTrainer):
+    """TRL's DPOTrainer with atomic, hash-listed checkpoints."""
+
+
+class LlmtuneKTOTrainer(AtomicCheckpoints, DropReferenceAdapter, KTOTrainer):
+    """TRL's KTOTrainer with atomic, hash-listed checkpoints; pairs are unpaired by TRL."""
+
+
+def _orpo_trainer_class() -> type:
+    from llmtune.train.experimental import ORPOTrainer
+
+    class LlmtuneORPOTrainer(AtomicCheckpoints, ORPOTrainer):
+        """TRL's (experimental) ORPOTrainer with atomic, hash-listed checkpoints; no reference model."""
+
+    return LlmtuneORPOTrainer
+
+
+def _trainer_for(method: str) -> tuple[type, Callable[..., Any]]:
+    if method == "dpo":
+        return LlmtuneDPOTrainer, dpo_config
+    if method == "kto":
+        return LlmtuneKTOTrainer, kto_config
+    return _orpo_trainer_class(), orpo_config
 
 
 def preference_datasets(recipe: Recipe) -> tuple[Dataset, Dataset | None, dict[str, Any], list[dict[str, Any]]]:
@@ -66,7 +92,7 @@ def preference_datasets(recipe: Recipe) -> tuple[Dataset, Dataset | None, dict[s
 
 def build_trainer(recipe: Recipe) -> runner.Session:
     source = runner.start(recipe)
-    from_run = recipe.dpo.from_run
+    from_run = recipe.preference.from_run
     # From an SFT run, its tokenizer carries the chat template the adapter was trained with.
     tokenizer = AutoTokenizer.from_pretrained(from_run) if from_run else load_tokenizer(recipe.model, source)
     if tokenizer.pad_token is None:
@@ -80,10 +106,10 @@ def build_trainer(recipe: Recipe) -> runner.Session:
         model = PeftModel.from_pretrained(model, str(from_run), is_trainable=True)
         peft_config = None
     guards = runner.Guards.create()
-    trainer = LlmtuneDPOTrainer(
+    trainer_class, make_args = _trainer_for(recipe.method)
+    trainer = trainer_class(
         model=model,
-        ref_model=None,
-        args=dpo_config(recipe, Path(recipe.output_dir), has_validation=val_ds is not None),
+        args=make_args(recipe, Path(recipe.output_dir), has_validation=val_ds is not None),
         train_dataset=train_ds,
         eval_dataset=val_ds,
         processing_class=tokenizer,

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from llmtune.config import RecipeError, load_recipe
 from llmtune.data.formats import RowError, to_preference
 from llmtune.data.loading import DataError
-from llmtune.train import dpo, sft
+from llmtune.train import preference, sft
 from tests.helpers import REPO, run_cli, write_recipe
 
 BETA = 0.1
@@ -54,7 +54,7 @@ def _dpo_recipe(folder: Path, prefs: Path, sft_run: Path | None, **sections) -> 
         "method": "dpo",
         "data": {"train": [{"path": str(prefs)}], "validation_fraction": 0.25, "max_length": 128},
         "train": {"max_steps": 12, "batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1},
-        "dpo": {"beta": BETA, **({"from_run": str(sft_run)} if sft_run else {})},
+        "preference": {"beta": BETA, **({"from_run": str(sft_run)} if sft_run else {})},
         **({"adapter": None, "model": None} if sft_run else {}),
     }
     for key, value in sections.items():
@@ -66,15 +66,15 @@ def test_from_run_inherits_the_base_model(tmp_path, prefs_file, sft_run):
     recipe = load_recipe(_dpo_recipe(tmp_path, prefs_file, sft_run))
     assert recipe.model.name_or_path == "builtin:tiny" and recipe.adapter is None
     with pytest.raises(RecipeError, match="not a finished llmtune run"):
-        load_recipe(_dpo_recipe(tmp_path, prefs_file, sft_run, dpo={"from_run": str(tmp_path)}))
-    with pytest.raises(RecipeError, match=r"add an `adapter:` section or `dpo\.from_run`"):
+        load_recipe(_dpo_recipe(tmp_path, prefs_file, sft_run, preference={"from_run": str(tmp_path)}))
+    with pytest.raises(RecipeError, match=r"add an `adapter:` section or `preference\.from_run`"):
         load_recipe(_dpo_recipe(tmp_path, prefs_file, None, adapter=None))
 
 
 def test_step_zero_policy_equals_reference_when_starting_from_sft(tmp_path, prefs_file, sft_run):
     adapter = load_file(sft_run / "adapter_model.safetensors")
     assert max(t.abs().max().item() for k, t in adapter.items() if "lora_B" in k) > 1e-3  # really non-zero
-    session = dpo.build_trainer(load_recipe(_dpo_recipe(tmp_path, prefs_file, sft_run)))
+    session = preference.build_trainer(load_recipe(_dpo_recipe(tmp_path, prefs_file, sft_run)))
     metrics = session.trainer.evaluate()
     assert metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert metrics["eval_rewards/chosen"] == pytest.approx(0, abs=1e-5)
@@ -82,7 +82,7 @@ def test_step_zero_policy_equals_reference_when_starting_from_sft(tmp_path, pref
 
 
 def test_dpo_trains_the_adapter_only_and_preferences_improve_on_held_out_pairs(tmp_path, prefs_file, sft_run):
-    session = dpo.build_trainer(load_recipe(_dpo_recipe(tmp_path, prefs_file, sft_run)))
+    session = preference.build_trainer(load_recipe(_dpo_recipe(tmp_path, prefs_file, sft_run)))
     trainer = session.trainer
     model = trainer.model
     assert set(model.peft_config) == {"default", "ref"} and trainer.ref_model is None
@@ -105,7 +105,7 @@ def test_dpo_trains_the_adapter_only_and_preferences_improve_on_held_out_pairs(t
 def test_only_one_copy_of_the_base_weights_is_in_memory(tmp_path, prefs_file, sft_run, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    session = dpo.build_trainer(load_recipe(_dpo_recipe(tmp_path, prefs_file, sft_run)))
+    session = preference.build_trainer(load_recipe(_dpo_recipe(tmp_path, prefs_file, sft_run)))
     trainer = session.trainer
     assert trainer.ref_model is None
     base_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
@@ -123,8 +123,8 @@ def test_only_one_copy_of_the_base_weights_is_in_memory(tmp_path, prefs_file, sf
 def test_each_loss_type_matches_its_formula_at_step_zero(tmp_path, prefs_file, loss_type, expected):
     # From the base with a fresh adapter (B = 0): policy == reference, so the preference logit is 0 and
     # sigmoid: -log(sigmoid(0)) = ln 2, IPO: (0 - 1/(2 beta))^2, hinge: relu(1 - beta * 0) = 1.
-    recipe = load_recipe(_dpo_recipe(tmp_path, prefs_file, None, dpo={"loss_type": loss_type}))
-    session = dpo.build_trainer(recipe)
+    recipe = load_recipe(_dpo_recipe(tmp_path, prefs_file, None, preference={"loss_type": loss_type}))
+    session = preference.build_trainer(recipe)
     assert session.trainer.evaluate()["eval_loss"] == pytest.approx(expected, rel=1e-5)
     session.trainer.train()
     losses = [r["loss"] for r in session.trainer.state.log_history if "loss" in r]
@@ -186,9 +186,9 @@ def test_bad_pair_rows_strict_names_row_lenient_counts(tmp_path, prefs_file, sft
     bad.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     strict = load_recipe(_dpo_recipe(tmp_path, bad, sft_run))
     with pytest.raises(DataError, match=rf"{bad}: row 5: `chosen` and `rejected` are identical"):
-        dpo.preference_datasets(strict)
+        preference.preference_datasets(strict)
     lenient = load_recipe(_dpo_recipe(tmp_path, bad, sft_run, data={"on_bad_row": "skip"}))
-    _, _, report, _ = dpo.preference_datasets(lenient)
+    _, _, report, _ = preference.preference_datasets(lenient)
     assert report["loaded"]["train_files"]["rows_skipped"] == 2 and report["loaded"]["train_files"]["rows_kept"] == 10
 
 
@@ -206,3 +206,37 @@ def test_dpo_sigkill_then_resume_equals_uninterrupted(tmp_path, prefs_file, sft_
     expected = load_file(tmp_path / "reference" / "run" / "adapter_model.safetensors")
     got = load_file(tmp_path / "killed" / "run" / "adapter_model.safetensors")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_kto_from_sft_starts_at_its_formula_and_trains(tmp_path, prefs_file, sft_run):
+    # Policy == reference at step 0, so every reward is 0 and the KL estimate is 0:
+    # loss = 1 - sigmoid(beta * (0 - 0)) = 0.5 for desirable and undesirable answers alike.
+    session = preference.build_trainer(load_recipe(_dpo_recipe(tmp_path, prefs_file, sft_run, method="kto")))
+    assert session.trainer.ref_model is None and set(session.trainer.model.peft_config) == {"default", "ref"}
+    start = session.trainer.evaluate()
+    assert start["eval_loss"] == pytest.approx(0.5, abs=1e-5)
+    session.trainer.train()
+    end = session.trainer.evaluate()
+    assert end["eval_loss"] < start["eval_loss"]
+
+
+def test_orpo_loss_is_nll_minus_weighted_log_odds_and_trains(tmp_path, prefs_file):
+    # Equal eval batches (10 held-out pairs, batch 2): the Trainer averages the loss per sample, TRL its metrics
+    # per batch, and the two agree only when every batch has the same size.
+    recipe = _dpo_recipe(tmp_path, prefs_file, None, method="orpo", train={"batch_size": 2})
+    session = preference.build_trainer(load_recipe(recipe))
+    trainer = session.trainer
+    start = trainer.evaluate()
+    # ORPO: L = NLL(chosen) - beta * log sigmoid(log odds(chosen) - log odds(rejected)), no reference model.
+    expected = start["eval_nll_loss"] - BETA * start["eval_log_odds_ratio"]
+    assert start["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    trainer.train()
+    end = trainer.evaluate()
+    assert end["eval_rewards/margins"] > start["eval_rewards/margins"]
+    assert all(not torch.equal(p.detach(), lora[n]) for n, p in trainer.model.named_parameters() if "lora_B" in n)
+
+
+def test_loss_type_is_only_for_dpo(tmp_path, prefs_file):
+    with pytest.raises(RecipeError, match=r"`preference\.loss_type` applies to `method: dpo` only"):
+        load_recipe(_dpo_recipe(tmp_path, prefs_file, None, method="kto", preference={"loss_type": "ipo"}))
