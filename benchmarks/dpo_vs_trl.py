@@ -1,0 +1,116 @@
+"""DPO side by side: `llmtune train` vs `trl dpo` (TRL's own script, its defaults), same model, data and LoRA.
+
+    python benchmarks/dpo_vs_trl.py [--model builtin:smollm2-135m-instruct] [--steps 8] [--rounds 2]
+
+Both sides train a fresh LoRA (r=16, alpha=32, all-linear) from the base with DPO (sigmoid, beta 0.1) on
+`recipes/clinical-qa/data/prefs.jsonl`, batch 4, for the same number of optimizer steps, in alternation
+(trl, llmtune, trl, llmtune, ...) so that machine noise hits both. Reported per side: optimizer steps/s from
+the trainer's own `train_runtime` (start-up excluded), wall time of the whole command, peak RSS
+(/usr/bin/time), and the final logged loss. Written to benchmarks/results/dpo_vs_trl.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PREFS = REPO / "recipes" / "clinical-qa" / "data" / "prefs.jsonl"
+
+
+def timed(command: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run under /usr/bin/time; returns the process, wall seconds and peak RSS in MB."""
+    started = time.perf_counter()
+    result = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB=%M", *command], env=env, capture_output=True,
+                            text=True, check=False)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
+    rss = int(re.findall(r"MAXRSS_KB=(\d+)", result.stderr)[-1]) / 1024
+    return result, wall, rss
+
+
+def last_metric(text: str, key: str) -> float:
+    values = re.findall(rf"'{re.escape(key)}': '?([0-9.e+-]+)'?", text)
+    return float(values[-1])
+
+
+def run_trl(model_dir: Path, data_dir: Path, out: Path, steps: int, env: dict[str, str]) -> dict:
+    command = [
+        sys.executable, "-m", "trl.scripts.dpo", "--model_name_or_path", str(model_dir),
+        "--dataset_name", str(data_dir), "--output_dir", str(out), "--max_steps", str(steps),
+        "--per_device_train_batch_size", "4", "--use_peft", "--lora_r", "16", "--lora_alpha", "32",
+        "--lora_target_modules", "all-linear", "--report_to", "none", "--save_strategy", "no",
+        "--logging_steps", "1", "--max_length", "512",
+    ]
+    result, wall, rss = timed(command, env)
+    text = result.stdout + result.stderr
+    return {"steps_per_s": steps / last_metric(text, "train_runtime"), "wall_s": wall, "peak_rss_mb": rss,
+            "final_loss": last_metric(text, "loss")}
+
+
+def run_llmtune(model: str, out: Path, steps: int, env: dict[str, str]) -> dict:
+    recipe = out.parent / f"{out.name}.yaml"
+    recipe.write_text(json.dumps({
+        "method": "dpo", "output_dir": str(out), "model": {"name_or_path": model},
+        "adapter": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "data": {"train": [{"path": str(PREFS)}], "max_length": 512},
+        "train": {"max_steps": steps, "batch_size": 4, "learning_rate": 1e-6, "logging_steps": 1},
+    }))
+    result, wall, rss = timed([sys.executable, "-m", "llmtune", "train", str(recipe)], env)
+    manifest = json.loads((out / "manifest.json").read_text())
+    runtime = next(r["train_runtime"] for r in manifest["train"]["log"] if "train_runtime" in r)
+    return {"steps_per_s": steps / runtime, "wall_s": wall, "peak_rss_mb": rss,
+            "final_loss": manifest["train"]["final_loss"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    from llmtune.builtin_models import ensure_builtin
+
+    model_dir = ensure_builtin(args.model.removeprefix("builtin:")) if args.model.startswith("builtin:") else Path(
+        args.model)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
+    data_dir = work / "prefs"
+    data_dir.mkdir()
+    shutil.copy(PREFS, data_dir / "train.jsonl")
+
+    results: dict[str, list[dict]] = {"trl dpo (defaults)": [], "llmtune": []}
+    for round_index in range(args.rounds):
+        results["trl dpo (defaults)"].append(run_trl(model_dir, data_dir, work / f"trl-{round_index}", args.steps, env))
+        results["llmtune"].append(run_llmtune(args.model, work / f"llmtune-{round_index}", args.steps, env))
+
+    summary = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
+    ratio = summary["llmtune"]["steps_per_s"] / summary["trl dpo (defaults)"]["steps_per_s"]
+    rss_ratio = summary["llmtune"]["peak_rss_mb"] / summary["trl dpo (defaults)"]["peak_rss_mb"]
+    print(f"DPO, {args.model}, LoRA r16 all-linear, batch 4, {args.steps} steps, median of {args.rounds} rounds")
+    print(f"{'side':<22}{'steps/s':>9}{'wall s':>9}{'peak RSS MB':>13}{'final loss':>12}")
+    for name, row in summary.items():
+        print(f"{name:<22}{row['steps_per_s']:>9.3f}{row['wall_s']:>9.1f}{row['peak_rss_mb']:>13.0f}"
+              f"{row['final_loss']:>12.4f}")
+    print(f"llmtune / trl: steps/s x{ratio:.2f}, peak RSS x{rss_ratio:.2f}")
+    out = REPO / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dpo_vs_trl.json").write_text(json.dumps(
+        {"model": args.model, "steps": args.steps, "rounds": results, "summary": summary,
+         "ratio_steps_per_s": ratio, "ratio_peak_rss": rss_ratio}, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
