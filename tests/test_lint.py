@@ -14,5 +14,5 @@ def test_ruff_is_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     if not Path(ruff).exists():
         pytest.skip("ruff is not installed (pip install -e '.[test]')")
-    result = subprocess.run([ruff, "check", "llmtune", "tests"], cwd=REPO, capture_output=True, text=True, check=False)
+    result = subprocess.run([ruff, "check", "llmtune", "tests", "benchmarks"], cwd=REPO, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout

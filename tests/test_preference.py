@@ -240,3 +240,12 @@ def test_orpo_loss_is_nll_minus_weighted_log_odds_and_trains(tmp_path, prefs_fil
 def test_loss_type_is_only_for_dpo(tmp_path, prefs_file):
     with pytest.raises(RecipeError, match=r"`preference\.loss_type` applies to `method: dpo` only"):
         load_recipe(_dpo_recipe(tmp_path, prefs_file, None, method="kto", preference={"loss_type": "ipo"}))
+
+
+def test_precomputed_reference_log_probs_match_the_live_reference(tmp_path, prefs_file, sft_run):
+    recipe = load_recipe(_dpo_recipe(tmp_path, prefs_file, sft_run, preference={"precompute_ref_log_probs": True}))
+    session = preference.build_trainer(recipe)
+    assert session.trainer.evaluate()["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    session.trainer.train()
+    losses = [r["loss"] for r in session.trainer.state.log_history if "loss" in r]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4) and losses[-1] < losses[0]
