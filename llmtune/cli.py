@@ -97,6 +97,109 @@ def train(
             console.print(f"[green]done[/green] {out}")
 
 
+TargetArg = Annotated[
+    str, typer.Argument(help="A trained run folder, a model folder, a .gguf file, a hub id or builtin:NAME.")
+]
+AdapterOpt = Annotated[
+    list[str] | None, typer.Option("--adapter", help="Serve another adapter as NAME=FOLDER (repeatable).")
+]
+
+
+def _parse_adapters(items: list[str] | None) -> dict[str, str]:
+    adapters = {}
+    for item in items or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise typer.BadParameter(f"--adapter {item!r}: expected NAME=FOLDER")
+        adapters[name] = folder
+    return adapters
+
+
+def _load(target: str, adapters: list[str] | None = None):
+    _setup_logging()
+    from llmtune.inference.loading import load_for_inference
+
+    return load_for_inference(target, _parse_adapters(adapters))
+
+
+def _pick(loaded, name: str | None) -> str:
+    """The peft adapter to use: the named one, else the trained run's, else the base."""
+    if name is None:
+        return next(iter(loaded.adapters), None) or loaded.adapter_for(loaded.base_name)
+    try:
+        return loaded.adapter_for(name)
+    except KeyError:
+        raise typer.BadParameter(f"--model {name!r}: choose one of {', '.join(loaded.names)}") from None
+
+
+@app.command()
+def generate(
+    target: TargetArg,
+    input: Annotated[Path, typer.Option("--input", "-i", help="jsonl rows with `id` and `messages` or `prompt`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="jsonl of outputs; rows already there are skipped.")],
+    model: Annotated[str | None, typer.Option(help="Which loaded model or adapter to use.")] = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> None:
+    """Generate for every row of a jsonl file, in batches; resumable (ids already in --output are skipped)."""
+    from llmtune.inference.batch import read_requests, run_generate
+    from llmtune.inference.generation import Sampling
+
+    loaded = _load(target)
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    items = read_requests(input, max_new_tokens, sampling, _pick(loaded, model))
+    written = run_generate(loaded, items, output, batch_size)
+    console.print(f"[green]done[/green] {written} new rows -> {output} ({len(items) - written} were already there)")
+
+
+@app.command()
+def chat(
+    target: TargetArg,
+    model: Annotated[str | None, typer.Option(help="Which loaded model or adapter to talk to.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+) -> None:
+    """Chat in the terminal with a base model or a trained run (its own chat template); tokens stream."""
+    from llmtune.inference.chat import chat_loop
+    from llmtune.inference.generation import Sampling
+
+    loaded = _load(target)
+    chat_loop(loaded, _pick(loaded, model), system, Sampling(temperature, top_p), max_new_tokens, console=console)
+
+
+@app.command()
+def serve(
+    target: TargetArg,
+    adapter: AdapterOpt = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Name of an environment variable holding the API key clients must send.")
+    ] = None,
+    max_batch_size: int = 16,
+    max_queue: int = 64,
+) -> None:
+    """OpenAI-compatible server: /v1/models, /v1/chat/completions (stream too), /v1/completions."""
+    import uvicorn
+
+    from llmtune.inference.server import create_app
+
+    key = None
+    if api_key_env:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise typer.BadParameter(f"--api-key-env {api_key_env}: that environment variable is empty")
+    loaded = _load(target, adapter)
+    app_ = create_app(loaded, api_key=key, max_batch_size=max_batch_size, max_queue=max_queue)
+    err_console.print(f"serving {', '.join(loaded.names)} on http://{host}:{port}/v1", highlight=False)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Show the builtin models and whether they are built in the cache."""

@@ -14,5 +14,6 @@ def test_ruff_is_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     if not Path(ruff).exists():
         pytest.skip("ruff is not installed (pip install -e '.[test]')")
-    result = subprocess.run([ruff, "check", "llmtune", "tests", "benchmarks"], cwd=REPO, capture_output=True, text=True, check=False)
+    command = [ruff, "check", "llmtune", "tests", "benchmarks"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout
