@@ -48,12 +48,55 @@ def _runnable(command: str, out: Path, sft_run: Path | None) -> str:
     return command
 
 
+RUN_FOLDERS = re.compile(r"runs/clinical-qa/(sft|dpo)-smollm2\b")
+
+
 @pytest.mark.parametrize("command", [c for c in readme_commands() if "pytest" not in c])
 def test_readme_command_runs(command, tmp_path, request):
-    sft_run = request.getfixturevalue("finished_sft_run") if "dpo-" in command else None
-    runnable = _runnable(command, tmp_path / "run", sft_run)
+    uses_a_run = "dpo-" in command or RUN_FOLDERS.search(command) is not None
+    sft_run = request.getfixturevalue("finished_sft_run") if uses_a_run else None
+    if " train " in command or sft_run is None:
+        runnable = _runnable(command, tmp_path / "run", sft_run if "dpo-" in command else None)
+    else:  # generate / chat / serve on a trained run: a real tiny run stands in for the SmolLM2 ones
+        runnable = RUN_FOLDERS.sub(str(sft_run), command).replace(".venv/bin/", f"{BIN}/")
+        runnable = re.sub(r"-o \S+", f"-o {tmp_path / 'answers.jsonl'}", runnable)
     env = {**os.environ, "OMP_NUM_THREADS": "1" if "launch" in command else os.environ.get("OMP_NUM_THREADS", "")}
-    result = subprocess.run(runnable, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if " serve " in command:
+        _serve_until_it_answers(runnable, env)
+        return
+    stdin = "/exit\n" if " chat " in command else None
+    result = subprocess.run(runnable, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+                            input=stdin)
     assert result.returncode == 0, f"{runnable}\n{result.stderr[-4000:]}"
     if " train " in command:
         assert (tmp_path / "run" / "manifest.json").is_file()
+    if " generate " in command:
+        assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 10
+
+
+def _serve_until_it_answers(command: str, env: dict[str, str]) -> None:
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = re.sub(r"--port \d+", f"--port {port}", command)
+    process = subprocess.Popen(shlex.split(command), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+                assert {m["id"] for m in models["data"]} >= {"dpo"}
+                return
+            except httpx.TransportError:
+                assert process.poll() is None, process.stderr.read().decode()[-3000:]
+                time.sleep(0.3)
+        pytest.fail(f"{command} did not answer")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
