@@ -200,6 +200,35 @@ def serve(
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
+@app.command()
+def merge(
+    runs: Annotated[list[Path], typer.Argument(help="A trained run folder (or several, with --combine).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write (default RUN-merged).")] = None,
+    combine: Annotated[
+        str | None,
+        typer.Option(help="Combine the runs' adapters into one: linear, cat, ties, dare_linear, dare_ties, "
+                          "magnitude_prune."),
+    ] = None,
+    weight: Annotated[list[float] | None, typer.Option("--weight", help="One per run, with --combine.")] = None,
+    density: float = 0.5,
+    atol: Annotated[float, typer.Option(help="Largest logit difference merged vs adapter model.")] = 1e-3,
+) -> None:
+    """Merge a run's adapter into a float copy of its base (verified), or combine adapters of one base."""
+    _setup_logging()
+    from llmtune.merge import combine_runs, merge_run
+
+    if combine is None:
+        if len(runs) != 1:
+            raise typer.BadParameter("merge takes one run; use --combine METHOD for several")
+        out = merge_run(runs[0], output or runs[0].with_name(f"{runs[0].name}-merged"), atol=atol)
+    else:
+        choices = ("linear", "cat", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+        if combine not in choices:
+            raise typer.BadParameter(f"--combine {combine!r}: choose one of {', '.join(choices)}")
+        out = combine_runs(runs, output or runs[0].with_name(f"{runs[0].name}-combined"), combine, weight, density)
+    console.print(f"[green]done[/green] {out}")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Show the builtin models and whether they are built in the cache."""
