@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results", help="Folder for the JSON.")
     args = parser.parse_args()
 
     from llmtune.builtin_models import ensure_builtin
@@ -126,7 +127,7 @@ def main() -> None:
               f"{row['final_loss']:>12.4f}")
     for name, ratio in ratios.items():
         print(f"{name} / trl: steps/s x{ratio['steps_per_s']:.2f}, peak RSS x{ratio['peak_rss']:.2f}")
-    out = REPO / "benchmarks" / "results"
+    out = args.results
     out.mkdir(parents=True, exist_ok=True)
     (out / "dpo_vs_trl.json").write_text(json.dumps(
         {"model": args.model, "steps": args.steps, "rounds": results, "summary": summary,

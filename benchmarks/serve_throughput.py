@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results", help="Folder for the JSON.")
     args = parser.parse_args()
 
     questions = [json.loads(line)["messages"] for line in QUESTIONS.read_text().splitlines()]
@@ -93,7 +94,7 @@ def main() -> None:
         print(f"{label:<14}{cells}")
     ratio = results["batching on"]["16"]["requests_per_s"] / results["batching off"]["16"]["requests_per_s"]
     print(f"at concurrency 16, batching on / off: x{ratio:.2f} requests/s")
-    out = REPO / "benchmarks" / "results"
+    out = args.results
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_throughput.json").write_text(json.dumps(
         {"model": args.model, "requests": args.requests, "tokens": args.tokens, "results": results,
