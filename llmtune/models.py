@@ -43,12 +43,6 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
 
 
-def compute_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
-
-
 def resolve_dtype(section: ModelSection) -> torch.dtype:
     if section.dtype != "auto":
         return _DTYPES[section.dtype]

@@ -8,7 +8,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedModel
@@ -84,9 +83,3 @@ def load_for_inference(target: str, adapters: dict[str, str] | None = None) -> L
     base_name = Path(section.name_or_path).name if Path(section.name_or_path).exists() else section.name_or_path
     log.info("serving %s%s", base_name, f" with adapters {', '.join(named)}" if named else "")
     return Loaded(model, tokenizer, base_name, named)
-
-
-@torch.no_grad()
-def warm_up(loaded: Loaded) -> None:
-    ids = loaded.tokenizer("hi", return_tensors="pt")
-    loaded.model(**ids)
