@@ -255,3 +255,15 @@ def test_serve_command_with_api_key(trained_run):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_n_choices_and_seeded_sampling(loaded):
+    with TestClient(create_app(loaded)) as client:
+        body = {"model": "builtin:tiny", "messages": QUESTION, "max_tokens": 8, "temperature": 1.0, "seed": 7}
+        first = client.post("/v1/chat/completions", json={**body, "n": 3}).json()
+        assert [c["index"] for c in first["choices"]] == [0, 1, 2]
+        assert 3 <= first["usage"]["completion_tokens"] <= 3 * 8  # usage counts every choice
+        again = client.post("/v1/chat/completions", json={**body, "n": 3}).json()
+        texts = [c["message"]["content"] for c in first["choices"]]
+        assert texts == [c["message"]["content"] for c in again["choices"]]  # the same seed, the same samples
+        assert len(set(texts)) > 1  # sampling at temperature 1 on a near-flat model: the choices differ
