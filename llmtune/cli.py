@@ -229,6 +229,26 @@ def merge(
     console.print(f"[green]done[/green] {out}")
 
 
+@app.command()
+def publish(
+    source: Annotated[Path, typer.Argument(help="A trained run folder (adapter) or a merged model folder.")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Default: SOURCE-publish.")] = None,
+    repo_id: Annotated[str | None, typer.Option(help="ORG/NAME on the Hub (needed with --push).")] = None,
+    license: Annotated[str, typer.Option(help="License id for the card metadata.")] = "other",
+    private: bool = False,
+    push: Annotated[bool, typer.Option(help="Upload with huggingface_hub (token from HF_TOKEN).")] = False,
+) -> None:
+    """Build a publish folder (safetensors, model card, recipe, provenance); with --push, upload it."""
+    from llmtune.publish import build_publish_folder, push_folder
+
+    if push and not repo_id:
+        raise typer.BadParameter("--push needs --repo-id ORG/NAME")
+    folder = build_publish_folder(source, output or source.with_name(f"{source.name}-publish"), license, repo_id)
+    console.print(f"[green]built[/green] {folder}")
+    if push:
+        console.print(f"[green]pushed[/green] {push_folder(folder, repo_id, private)}")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Show the builtin models and whether they are built in the cache."""

@@ -77,6 +77,8 @@ def test_readme_command_runs(command, tmp_path, request):
         assert len((tmp_path / "output").read_text().splitlines()) == 10
     if " merge " in command:
         assert (tmp_path / "output" / "model.safetensors").is_file()
+    if " publish " in command:
+        assert (tmp_path / "output" / "README.md").is_file()
 
 
 def _serve_until_it_answers(command: str, env: dict[str, str]) -> None:
