@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from llmtune.atomic import atomic_folder
 from llmtune.errors import LlmtuneError
 
 TINY = "tiny"
@@ -51,28 +50,15 @@ def ensure_builtin(name: str) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
-    _build_atomically(target, builders[name])
-    return target
-
-
-def _build_atomically(target: Path, build: Callable[[Path], None]) -> None:
-    # Build next to the target and rename, so a killed build never leaves a half-written model behind.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(staging)
+    # A killed build never leaves a half-written model behind; a concurrent one keeps the first copy.
+    with atomic_folder(target, replace=False) as staging:
+        builders[name](staging)
         # transformers 5 silently skips writing weights on a non-zero torch.distributed rank; never publish
-        # a folder without them (callers build on the main process first: see train/sft.py).
+        # a folder without them (callers build on the main process first: see train/runner.py).
         missing = [n for n in ("config.json", "model.safetensors") if not (staging / n).is_file()]
         if missing:
             raise BuiltinModelError(f"building {target.name} wrote no {', '.join(missing)}")
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def build_tiny_model(out: Path, seed: int = 0) -> None:

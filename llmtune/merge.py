@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +18,7 @@ import yaml
 from peft import PeftModel
 from transformers import AutoTokenizer
 
+from llmtune.atomic import atomic_folder
 from llmtune.config import ModelSection
 from llmtune.errors import LlmtuneError
 from llmtune.models import load_model
@@ -65,7 +65,7 @@ def merge_run(run: Path, output: Path, atol: float = 1e-3) -> Path:
         raise MergeError(f"merged model differs from adapter model by {worst:.3g} in logits (> {atol}); "
                          "nothing was written")
     log.info("merged %s: max logit difference %.2e (tolerance %.0e)", run, worst, atol)
-    with _staging(output) as staging:
+    with atomic_folder(output) as staging:
         merged.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         shutil.copy(run / "recipe.yaml", staging / "recipe.yaml")
@@ -95,7 +95,7 @@ def combine_runs(runs: list[Path], output: Path, method: CombineMethod, weights:
     names = [f"a{i}" for i in range(len(runs))]
     kwargs = {"density": density} if method.startswith(("ties", "dare", "magnitude")) else {}
     model.add_weighted_adapter(names, weights, adapter_name="combined", combination_type=method, **kwargs)
-    with _staging(output) as staging:
+    with atomic_folder(output) as staging:
         model.save_pretrained(str(staging), selected_adapters=["combined"])
         for item in (staging / "combined").iterdir():  # PEFT nests non-default adapters in a subfolder
             item.rename(staging / item.name)
@@ -112,28 +112,3 @@ def _encode(tokenizer, messages) -> torch.Tensor:
     encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True)
     return encoded["input_ids"]
-
-
-class _staging:
-    """Write into a sibling temp folder; replace `output` only once everything is there."""
-
-    def __init__(self, output: Path) -> None:
-        self.output = output
-
-    def __enter__(self) -> Path:
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.output.name}-", dir=self.output.parent))
-        return self.path
-
-    def __exit__(self, kind, value, traceback) -> None:
-        if kind is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        if self.output.exists():  # running twice replaces the previous result whole
-            old = self.output.with_name(f".{self.output.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            self.output.rename(old)
-            self.path.rename(self.output)
-            shutil.rmtree(old)
-        else:
-            self.path.rename(self.output)

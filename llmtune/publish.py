@@ -7,12 +7,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from llmtune.atomic import atomic_folder
 from llmtune.errors import LlmtuneError
 from llmtune.merge import MERGE_MANIFEST
 
@@ -35,18 +35,11 @@ def build_publish_folder(source: Path, output: Path, license: str = "other", rep
     files = sorted({p for pattern in _COPIED for p in source.glob(pattern) if p.is_file()})
     _refuse_unsafe(source, files)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    card = model_card(kind, recipe, manifest, license, repo_id)
+    with atomic_folder(output) as staging:
         for path in files:
             shutil.copy2(path, staging / path.name)
-        card = model_card(kind, recipe, manifest, license, repo_id)
         (staging / "README.md").write_text(card)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return output
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from datasets import Dataset, load_from_disk
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from llmtune.atomic import atomic_folder
 from llmtune.builtin_models import cache_dir
 from llmtune.config import Recipe
 from llmtune.data.formats import RowError
@@ -169,20 +168,11 @@ def _cache_key(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, template: str
 
 
 def _save_atomically(path: Path, train: Dataset, validation: Dataset | None, report: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    with atomic_folder(path, replace=False) as staging:  # another rank may have finished first
         train.save_to_disk(str(staging / "train"))
         if validation is not None:
             validation.save_to_disk(str(staging / "validation"))
-        (staging / "report.json").write_text(json.dumps(report, indent=2))  # written last: marks completeness
-        try:
-            staging.rename(path)
-        except OSError:  # a concurrent process (another rank) finished first
-            if not (path / "report.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "report.json").write_text(json.dumps(report, indent=2))
 
 
 def _load_cached(path: Path, sources: list[dict[str, Any]]) -> PreparedData:
