@@ -13,3 +13,14 @@ from accelerate import PartialState
 
 def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def finish(state: PartialState) -> None:
+    """All ranks meet, then the process group is torn down before the interpreter exits.
+
+    A rank that exits while a peer is still inside a collective, or with a live gloo group, can die in
+    C++ ("terminate called without an active exception", SIGABRT) after a clean run.
+    """
+    state.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

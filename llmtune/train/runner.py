@@ -12,7 +12,7 @@ from typing import Any
 from transformers import Trainer, set_seed
 
 from llmtune.config import Recipe
-from llmtune.distributed import process_state
+from llmtune.distributed import finish, process_state
 from llmtune.models import ModelSource, resolve_source
 from llmtune.train.guards import DivergenceGuard, PreemptionGuard, ThroughputMeter
 from llmtune.train.outputs import RunStats, build_manifest, check_output_dir, write_run_outputs
@@ -102,6 +102,7 @@ def run(
             preemption.stopped_at,
             output_dir,
         )
+        finish(state)
         return None
 
     history = trainer.state.log_history  # restored on resume, so it covers the whole run
@@ -126,7 +127,7 @@ def run(
             manifest["train"]["tokens_per_second"] or 0,
             manifest["memory"]["peak_rss_mb"],
         )
-    state.wait_for_everyone()
+    finish(state)
     return output_dir
 
 
