@@ -44,3 +44,12 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         text=True,
         timeout=timeout,
     )
+
+
+def copy_run_files(run: Path, folder: Path) -> Path:
+    """A copy of a run folder's top-level files, to tamper with in a test."""
+    folder.mkdir()
+    for item in run.iterdir():
+        if item.is_file():
+            (folder / item.name).write_bytes(item.read_bytes())
+    return folder

@@ -14,7 +14,7 @@ from peft import PeftModel
 from llmtune.config import load_recipe
 from llmtune.merge import MERGE_MANIFEST, MergeError, combine_runs, merge_run
 from llmtune.train import sft
-from tests.helpers import run_cli, write_recipe
+from tests.helpers import copy_run_files, run_cli, write_recipe
 
 
 def _train(folder: Path, chat_file: Path, **sections) -> Path:
@@ -109,11 +109,7 @@ def test_combined_adapters_load(run, tmp_path, module_chat, method, tiny_model_d
 
 
 def test_combining_adapters_of_different_bases_is_refused(run, tmp_path):
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    for item in run.iterdir():
-        if item.is_file():
-            (foreign / item.name).write_bytes(item.read_bytes())
+    foreign = copy_run_files(run, tmp_path / "foreign")
     recipe = (foreign / "recipe.yaml").read_text().replace("builtin:tiny", "builtin:smollm2-135m-instruct")
     (foreign / "recipe.yaml").write_text(recipe)
     result = run_cli("merge", str(run), str(foreign), "--combine", "ties", "-o", str(tmp_path / "out"))

@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard
 from llmtune.config import load_recipe
 from llmtune.publish import PublishError, build_publish_folder
 from llmtune.train import sft
-from tests.helpers import run_cli, write_recipe
+from tests.helpers import copy_run_files, run_cli, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +47,7 @@ def test_publish_folder_has_safe_files_and_a_card_with_hub_metadata(run, tmp_pat
 
 
 def test_publish_refuses_pickles_and_secrets(run, tmp_path):
-    planted = tmp_path / "planted"
-    planted.mkdir()
-    for item in run.iterdir():
-        if item.is_file():
-            (planted / item.name).write_bytes(item.read_bytes())
+    planted = copy_run_files(run, tmp_path / "planted")
     (planted / "optimizer.pt").write_bytes(b"\x80\x04pickle")
     with pytest.raises(PublishError, match=r"refusing to publish pickle files: optimizer\.pt"):
         build_publish_folder(planted, tmp_path / "out")

@@ -18,6 +18,7 @@ from typing import Any
 from llmtune.config import DataSection, DataSource
 from llmtune.data.formats import RowError, to_messages
 from llmtune.errors import LlmtuneError
+from llmtune.hashing import file_sha256
 
 
 class DataError(LlmtuneError, ValueError):
@@ -51,14 +52,6 @@ class LoadReport:
             "skipped_by_reason": dict(self.skipped),
             "first_skipped": self.first_skipped,
         }
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def folder_sha256(path: str | Path) -> str:

@@ -89,15 +89,17 @@ def generate(
         torch.manual_seed(sampling.seed)
     output = model.generate(**kwargs)[:, width:]
 
+    stop_ids = _stop_token_ids(loaded)
     results: list[list[Generated]] = [[] for _ in requests]
     for (index, ids), new_tokens in zip(rows, output.tolist(), strict=True):
-        results[index].append(_finish(loaded, requests[index], len(ids), new_tokens))
+        results[index].append(_finish(loaded, requests[index], len(ids), new_tokens, stop_ids))
     return results
 
 
-def _finish(loaded: Loaded, request: GenerationRequest, prompt_tokens: int, new_tokens: list[int]) -> Generated:
+def _finish(
+    loaded: Loaded, request: GenerationRequest, prompt_tokens: int, new_tokens: list[int], stop_ids: set[int]
+) -> Generated:
     tokenizer = loaded.tokenizer
-    stop_ids = _stop_token_ids(loaded)
     tokens = new_tokens[: request.max_new_tokens]
     finish: Literal["stop", "length"] = "length"
     for position, token in enumerate(tokens):

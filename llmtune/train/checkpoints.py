@@ -9,7 +9,6 @@ only folders whose listing is present, and loads nothing (several files are pick
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.errors import LlmtuneError
+from llmtune.hashing import file_sha256
 
 CHECKPOINT_MANIFEST = "llmtune-checkpoint.json"
 STAGING = ".checkpoint-staging"
@@ -27,14 +27,6 @@ _DROPPED = ("training_args.bin",)
 
 class CheckpointError(LlmtuneError, RuntimeError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -98,7 +90,7 @@ def verify_checkpoint(checkpoint: Path) -> dict[str, Any]:
         path = checkpoint / name
         if not path.is_file():
             raise CheckpointError(f"{checkpoint}: {name} is missing")
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise CheckpointError(
                 f"{checkpoint}: {name} changed since llmtune wrote it (sha256 mismatch); refusing to load it"
             )
@@ -109,7 +101,7 @@ def finalize_checkpoint(staged: Path, final: Path, run_info: dict[str, Any]) -> 
     """Seal a staged checkpoint (drop pickled args, list hashes, fsync) and rename it into place."""
     for name in _DROPPED:
         (staged / name).unlink(missing_ok=True)
-    files = {str(p.relative_to(staged)): _sha256(p) for p in sorted(staged.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(staged)): file_sha256(p) for p in sorted(staged.rglob("*")) if p.is_file()}
     manifest = {"step": checkpoint_step(final), "files": files, **run_info}
     (staged / CHECKPOINT_MANIFEST).write_text(json.dumps(manifest, indent=2))
     _fsync_tree(staged)

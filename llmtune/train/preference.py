@@ -28,7 +28,7 @@ from llmtune.train import runner
 from llmtune.train.adapters import lora_config
 from llmtune.train.arguments import dpo_config, kto_config, orpo_config
 from llmtune.train.checkpoints import AtomicCheckpoints
-from llmtune.train.resume import ResumeMode
+from llmtune.train.resume import ResumeMode, run_fingerprint
 
 log = logging.getLogger("llmtune.dpo")
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of the starting adapter
@@ -115,7 +115,7 @@ def build_trainer(recipe: Recipe) -> runner.Session:
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=guards.callbacks(),
-        run_info=runner.fingerprint(recipe, sources),
+        run_info=run_fingerprint(recipe, sources),
     )
     return runner.Session(trainer, tokenizer, None, report, sources, guards)
 

@@ -16,7 +16,7 @@ from llmtune.distributed import finish, process_state
 from llmtune.models import ModelSource, resolve_source
 from llmtune.train.guards import DivergenceGuard, PreemptionGuard, ThroughputMeter
 from llmtune.train.outputs import RunStats, build_manifest, check_output_dir, write_run_outputs
-from llmtune.train.resume import ResumeMode, choose_checkpoint, prepare_output_dir, run_fingerprint
+from llmtune.train.resume import ResumeMode, choose_checkpoint, prepare_output_dir
 
 log = logging.getLogger("llmtune.train")
 
@@ -58,10 +58,6 @@ def start(recipe: Recipe) -> ModelSource:
     set_seed(recipe.seed)
     with state.main_process_first():
         return resolve_source(recipe.model)
-
-
-def fingerprint(recipe: Recipe, sources: list[dict[str, Any]]) -> dict[str, Any]:
-    return run_fingerprint(recipe, sources)
 
 
 def run(

@@ -21,7 +21,7 @@ from llmtune.train import runner
 from llmtune.train.adapters import lora_config
 from llmtune.train.arguments import sft_config
 from llmtune.train.checkpoints import AtomicCheckpoints
-from llmtune.train.resume import ResumeMode
+from llmtune.train.resume import ResumeMode, run_fingerprint
 
 log = logging.getLogger("llmtune.sft")
 
@@ -52,7 +52,7 @@ def build_trainer(recipe: Recipe) -> runner.Session:
         processing_class=tokenizer,
         peft_config=lora_config(recipe.adapter),
         callbacks=guards.callbacks(),
-        run_info=runner.fingerprint(recipe, data.sources),
+        run_info=run_fingerprint(recipe, data.sources),
     )
     return runner.Session(trainer, tokenizer, template, data.report, data.sources, guards)
 
