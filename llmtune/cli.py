@@ -97,6 +97,52 @@ def train(
             console.print(f"[green]done[/green] {out}")
 
 
+@app.command()
+def synth(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start again: delete the output folder's journal and outputs first.")
+    ] = False,
+) -> None:
+    """Synthesize training data as the recipe's `synth` section says: teacher methods and fact templates,
+    validated, filtered and decontaminated against the eval sets. A killed run resumes where it stopped."""
+    from llmtune.synth.recipe import load_synth_recipe
+
+    section = load_synth_recipe(recipe, set_)
+    _setup_logging()
+    from llmtune.synth.progress import SynthProgress
+    from llmtune.synth.run import synthesize
+
+    with SynthProgress(err_console) as progress:
+        report = synthesize(section, overwrite=overwrite, progress=progress)
+    _print_synth_summary(report)
+    console.print(f"[green]done[/green] {section.output_dir}")
+
+
+def _print_synth_summary(report: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="synthesis", show_header=True)
+    table.add_column("method")
+    table.add_column("generated", justify="right")
+    table.add_column("rejected at generation", justify="right")
+    table.add_column("kept", justify="right")
+    kept = report["kept"]["sft_by_method"] | {"preferences": report["kept"]["preferences"]}
+    for method, count in report["generated"].items():
+        rejected = sum(report["rejected_at_generation"].get(method, {}).values())
+        table.add_row(method, str(count), str(rejected), str(kept.get(method, 0)))
+    console.print(table)
+    removed = ", ".join(f"{name} {count}" for name, count in report["removed_by_filter"].items()) or "none"
+    tokens = report["tokens"]
+    console.print(
+        f"removed by filters: {removed}; decontaminated: {report['decontaminated']}; "
+        f"tokens: {tokens.get('prompt_tokens', 0)} prompt + {tokens.get('completion_tokens', 0)} completion; "
+        f"{report['new_items']} new items in {report['wall_s']:.1f} s",
+        highlight=False,
+    )
+
+
 TargetArg = Annotated[
     str, typer.Argument(help="A trained run folder, a model folder, a .gguf file, a hub id or builtin:NAME.")
 ]

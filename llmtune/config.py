@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,8 +18,11 @@ from llmtune.errors import LlmtuneError
 
 BUILTIN_PREFIX = "builtin:"
 # Keys whose value would be a credential: the recipe is shared and saved with every artifact.
-_SECRET_KEY = re.compile(r"(token|api_?key|password|secret)", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"(^|_)(token|api_?key|password|secret)$", re.IGNORECASE)  # not `max_tokens`, `api_key_env`
 _SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,})\b")
+
+
+SectionT = TypeVar("SectionT", bound=BaseModel)
 
 
 class RecipeError(LlmtuneError, ValueError):
@@ -177,6 +180,13 @@ class Recipe(Section):
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override (`a.b=c`), validate and resolve a recipe; raise RecipeError naming file and key."""
     path = Path(path)
+    raw = read_raw_recipe(path, overrides)
+    _inherit_from_run(raw, path)
+    return _resolve_paths(validate_section(Recipe, raw, path), path.parent)
+
+
+def read_raw_recipe(path: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The recipe file as a mapping, with `--set` overrides applied and secrets refused."""
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
@@ -188,12 +198,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     for override in overrides or []:
         apply_override(raw, override, path)
     _refuse_secrets(raw, path)
-    _inherit_from_run(raw, path)
+    return raw
+
+
+def validate_section(model: type[SectionT], raw: Any, path: Path, prefix: str = "") -> SectionT:
+    """Validate `raw` as `model`; errors name the file and each key (under `prefix`, e.g. `synth.`)."""
     try:
-        recipe = Recipe.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(f"{path}: invalid recipe\n" + _explain(err)) from None
-    return _resolve_paths(recipe, path.parent)
+        raise RecipeError(f"{path}: invalid recipe\n" + _explain(err, model, prefix)) from None
 
 
 def _inherit_from_run(raw: dict[str, Any], path: Path) -> None:
@@ -300,12 +313,12 @@ def _looks_local(name: str, base: Path) -> bool:
 # --------------------------------------------------------------------------------------------- messages
 
 
-def _explain(err: ValidationError) -> str:
+def _explain(err: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
     lines = []
     for item in err.errors():
-        loc = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        loc = prefix + ".".join(str(part) for part in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            known = _known_keys(item["loc"][:-1])
+            known = _known_keys(item["loc"][:-1], root)
             hint = difflib.get_close_matches(str(item["loc"][-1]), known, n=1)
             message = "unknown key" + (f"; did you mean `{hint[0]}`?" if hint else f"; known keys: {', '.join(known)}")
         else:
@@ -314,25 +327,32 @@ def _explain(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _known_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The field names of the section at `loc` (walking through lists and optional sections)."""
-    model: Any = Recipe
+def _known_keys(loc: tuple[Any, ...], root: type[BaseModel]) -> list[str]:
+    """The field names of the section at `loc` (walking through lists, tagged unions and optional sections)."""
+    annotation: Any = root
     for part in loc:
         if isinstance(part, int):
             continue
-        annotation = model.model_fields[part].annotation
-        model = _section_type(annotation)
-        if model is None:
+        sections = _section_types(annotation)
+        tagged = [s for s in sections if _kind_tag(s) == part]
+        if tagged:  # pydantic names the member of a tagged union by its `kind`
+            annotation = tagged[0]
+            continue
+        owner = next((s for s in sections if part in s.model_fields), None)
+        if owner is None:
             return []
-    return list(model.model_fields)
+        annotation = owner.model_fields[part].annotation
+    sections = _section_types(annotation)
+    return list(sections[0].model_fields) if len(sections) == 1 else []
 
 
-def _section_type(annotation: Any) -> type[Section] | None:
-    if isinstance(annotation, type) and issubclass(annotation, Section):
-        return annotation
-    if get_origin(annotation) is not None or get_args(annotation):
-        for arg in get_args(annotation):
-            found = _section_type(arg)
-            if found is not None:
-                return found
-    return None
+def _section_types(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [found for arg in get_args(annotation) for found in _section_types(arg)]
+
+
+def _kind_tag(section: type[BaseModel]) -> str | None:
+    field = section.model_fields.get("kind")
+    args = get_args(field.annotation) if field is not None else ()
+    return args[0] if len(args) == 1 and isinstance(args[0], str) else None

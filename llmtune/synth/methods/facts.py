@@ -1,0 +1,153 @@
+"""Fact templates: a table of facts (one row per entity, one column per attribute) becomes question/answer and
+multiple-choice items, deterministically from the run seed, with no teacher.
+
+The templates file (YAML) names the entity column and, per attribute, question phrasings, answer phrasings and
+a multiple-choice stem, all Jinja over the row's columns:
+
+    entity: drug
+    attributes:
+      drug_class:
+        questions: ["What class of medicine is {{ drug }}?", ...]
+        answers: ["{{ drug | sentence }} is a {{ drug_class }}.", ...]
+        multiple_choice: "Which class of medicine does {{ drug }} belong to?"
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmtune.config import RecipeError
+from llmtune.hashing import file_sha256
+from llmtune.synth.prompts import render_string
+from llmtune.synth.recipe import FactTemplatesMethod
+from llmtune.synth.records import Record, accepted, rejected
+
+LETTERS = "ABCDEFGH"
+
+
+class _Attribute(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    questions: list[str] = Field(min_length=1)
+    answers: list[str] = Field(min_length=1)
+    multiple_choice: str | None = None
+
+
+class _Templates(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    entity: str
+    attributes: dict[str, _Attribute] = Field(min_length=1)
+
+
+def fact_items(method: FactTemplatesMethod, run_seed: int) -> list[Record]:
+    templates = _read_templates(method.templates)
+    rows = read_table(method.table)
+    _check_columns(method.table, rows, templates)
+    provenance_base = {"table": method.table.name, "table_sha256": file_sha256(method.table)[:16],
+                       "templates": method.templates.name, "templates_sha256": file_sha256(method.templates)[:16]}
+    records: list[Record] = []
+    for row_id, row in rows:
+        for attribute, phrasing in templates.attributes.items():
+            if not str(row.get(attribute) or "").strip():
+                continue  # this entity has no value for the attribute
+            base_id = f"fact_templates:{method.table.stem}:{row_id}:{attribute}"
+            rng = random.Random(f"{run_seed}/{base_id}")
+            questions = rng.sample(phrasing.questions, len(phrasing.questions))
+            where = f"{method.templates}: attributes.{attribute}"
+            for k in range(method.questions_per_fact):
+                item_id = f"{base_id}:qa{k}"
+                question = render_string(questions[k % len(questions)], where, **row)
+                answer = render_string(rng.choice(phrasing.answers), where, **row)
+                provenance = {"method": "fact_templates", "fact": f"{row_id}.{attribute}", **provenance_base}
+                records.append(accepted(item_id, "fact_templates", provenance, messages=_turns(question, answer)))
+            if phrasing.multiple_choice:
+                others = _distinct_values(rows, attribute, exclude=str(row[attribute]))
+                for k in range(method.multiple_choice_per_fact):
+                    item_id = f"{base_id}:mcq{k}"
+                    provenance = {"method": "fact_templates", "fact": f"{row_id}.{attribute}", **provenance_base}
+                    if len(others) < method.choices - 1:
+                        records.append(rejected(item_id, "fact_templates", "validation",
+                                                f"only {len(others)} distinct other values of {attribute} for "
+                                                f"{method.choices - 1} distractors", provenance))
+                        continue
+                    records.append(_multiple_choice(item_id, row, attribute, phrasing, others, rng, method.choices,
+                                                    where, provenance))
+    return records
+
+
+def _multiple_choice(item_id: str, row: dict[str, Any], attribute: str, phrasing: _Attribute, others: list[str],
+                     rng: random.Random, n_choices: int, where: str, provenance: dict[str, Any]) -> Record:
+    correct = str(row[attribute])
+    options = [correct, *rng.sample(others, n_choices - 1)]
+    rng.shuffle(options)
+    letter = LETTERS[options.index(correct)]
+    stem = render_string(phrasing.multiple_choice or "", where, **row)
+    listed = "\n".join(f"{LETTERS[i]}) {option}" for i, option in enumerate(options))
+    question = f"{stem}\n\n{listed}\n\nAnswer with the letter of the correct option."
+    explanation = render_string(rng.choice(phrasing.answers), where, **row)
+    provenance = {**provenance, "choices": options, "answer": letter}
+    messages = _turns(question, f"{letter}) {correct}. {explanation}")
+    return accepted(item_id, "fact_templates", provenance, messages=messages)
+
+
+def _turns(question: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def _distinct_values(rows: list[tuple[str, dict[str, Any]]], attribute: str, exclude: str) -> list[str]:
+    seen: dict[str, str] = {}
+    for _, row in rows:
+        value = str(row.get(attribute) or "").strip()
+        if value and value.lower() != exclude.strip().lower():
+            seen.setdefault(value.lower(), value)
+    return sorted(seen.values())
+
+
+def read_table(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(row id, row) pairs from a csv or jsonl table; the id is the `id` column, else the 1-based row number."""
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    elif path.suffix.lower() == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise RecipeError(f"{path}: row {number}: not valid JSON ({err.msg})") from None
+    else:
+        raise RecipeError(f"{path}: a fact table is .csv or .jsonl")
+    if not rows:
+        raise RecipeError(f"{path}: the fact table has no rows")
+    identified = [(str(row.get("id") or number), row) for number, row in enumerate(rows, start=1)]
+    ids = [row_id for row_id, _ in identified]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise RecipeError(f"{path}: duplicate ids: {', '.join(duplicates[:5])}")
+    return identified
+
+
+def _read_templates(path: Path) -> _Templates:
+    try:
+        return _Templates.model_validate(yaml.safe_load(path.read_text()))
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RecipeError(f"{path}: {where}: {first['msg']}") from None
+
+
+def _check_columns(table: Path, rows: list[tuple[str, dict[str, Any]]], templates: _Templates) -> None:
+    columns = set(rows[0][1])
+    missing = [c for c in (templates.entity, *templates.attributes) if c not in columns]
+    if missing:
+        raise RecipeError(f"{table}: columns {', '.join(missing)} (named by the templates) are missing; "
+                          f"the table has {', '.join(sorted(columns))}")

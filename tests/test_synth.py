@@ -1,0 +1,376 @@
+"""`llmtune synth`: fact templates, teacher methods against a loopback server with injected faults, resume after
+kill -9, filters and decontamination, and a local (in-process) teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmtune.config import RecipeError
+from llmtune.synth.recipe import load_synth_recipe
+from llmtune.synth.run import SynthError, synthesize
+from tests.helpers import REPO, run_cli
+from tests.teacher_server import TeacherServer
+
+GUIDE = """# Blood pressure guide
+
+Hypertension is usually diagnosed after repeated clinic readings are confirmed with ambulatory or home
+monitoring. Lifestyle change comes first for every patient: less salt, regular activity, weight loss and
+limited alcohol.
+
+When drug treatment is needed, an ACE inhibitor or an angiotensin receptor blocker is a common first step
+for younger adults, while a calcium channel blocker is often preferred for older adults and people of
+African or Caribbean family origin.
+
+Blood pressure targets are usually below 140/90 in the clinic for adults under 80. Treatment is reviewed
+every few months until the target is reached, then at least once a year.
+"""
+
+SEEDS = [
+    "Explain to a patient why metformin is taken with food.",
+    "List three red-flag symptoms of a headache that need urgent review.",
+    "Describe how to use a salbutamol inhaler with a spacer.",
+    "Summarise why warfarin needs regular INR monitoring.",
+    "Explain what an HbA1c test measures.",
+]
+
+EVAL = [
+    {"id": "ev-1", "question": "A 62-year-old woman with newly confirmed hypertension and no other conditions asks "
+     "which medicine is usually started first for someone of her age and background; what do you advise?",
+     "choices": ["a", "b", "c", "d"], "answer": 0},
+    {"id": "ev-2", "question": "Which vitamin deficiency causes scurvy in sailors on long voyages without fresh fruit?",
+     "choices": ["a", "b", "c", "d"], "answer": 1},
+]
+
+
+def domain(tmp_path: Path) -> Path:
+    folder = tmp_path / "domain"
+    (folder / "docs").mkdir(parents=True)
+    (folder / "docs" / "guide.md").write_text(GUIDE)
+    (folder / "seeds.jsonl").write_text(
+        "".join(json.dumps({"id": f"s{i}", "instruction": t, "output": "An answer."}) + "\n"
+                for i, t in enumerate(SEEDS))
+    )
+    (folder / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in EVAL))
+    (folder / "drugs.csv").write_text(
+        "id,drug,drug_class,indication\n"
+        "metformin,metformin,biguanide,type 2 diabetes\n"
+        "lisinopril,lisinopril,ACE inhibitor,hypertension\n"
+        "amlodipine,amlodipine,calcium channel blocker,angina\n"
+        "atorvastatin,atorvastatin,statin,high cholesterol\n"
+        "sertraline,sertraline,SSRI,depression\n"
+    )
+    (folder / "templates.yaml").write_text(yaml.safe_dump({
+        "entity": "drug",
+        "attributes": {
+            "drug_class": {"questions": ["What class is {{ drug }} in?",
+                                         "{{ drug | sentence }} belongs to which class?",
+                                         "Name the drug class of {{ drug }}."],
+                           "answers": ["{{ drug | sentence }} is a {{ drug_class }}.",
+                                       "It is a {{ drug_class }}."],
+                           "multiple_choice": "Which class does {{ drug }} belong to?"},
+            "indication": {"questions": ["What is {{ drug }} used for?"],
+                           "answers": ["{{ drug | sentence }} treats {{ indication }}."]},
+        },
+    }))
+    return folder
+
+
+def write_recipe(tmp_path: Path, methods: list[dict], teacher: dict | None = None, name: str = "synth.yaml",
+                 output: str = "out", **extra) -> Path:
+    folder = domain(tmp_path) if not (tmp_path / "domain").exists() else tmp_path / "domain"
+    section = {"output_dir": str(tmp_path / output), "seed": 3, "methods": methods,
+               "decontaminate": {"eval_sets": ["eval.jsonl"]}, **extra}
+    if teacher is not None:
+        section["teacher"] = teacher
+    path = folder / name
+    path.write_text(yaml.safe_dump({"synth": section}))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+FACTS = {"kind": "fact_templates", "table": "drugs.csv", "templates": "templates.yaml", "questions_per_fact": 2,
+         "multiple_choice_per_fact": 1}
+
+
+# ------------------------------------------------------------------------------------------------ fact templates
+
+
+def test_fact_templates_are_deterministic_per_seed(tmp_path):
+    recipe = write_recipe(tmp_path, [FACTS])
+    first = synthesize(load_synth_recipe(recipe))
+    rows = read_jsonl(tmp_path / "out" / "sft.jsonl")
+    again = synthesize(load_synth_recipe(recipe, ["synth.output_dir=" + str(tmp_path / "again")]))
+    other = synthesize(load_synth_recipe(recipe, ["synth.output_dir=" + str(tmp_path / "other"), "synth.seed=4"]))
+    assert rows == read_jsonl(tmp_path / "again" / "sft.jsonl")
+    assert [r["messages"] for r in rows] != [r["messages"] for r in read_jsonl(tmp_path / "other" / "sft.jsonl")]
+    assert first["kept"] == again["kept"] == other["kept"]
+    # 5 drugs x (2 class questions + 1 class MCQ + 2 indication questions); no MCQ for indication
+    assert first["generated"] == {"fact_templates": 25}
+    mcq = [r for r in rows if r["id"].endswith(":mcq0")]
+    assert len(mcq) == 5
+    for row in mcq:
+        prov = row["provenance"]
+        assert len(prov["choices"]) == 4 and len(set(prov["choices"])) == 4
+        answer = row["messages"][-1]["content"]
+        assert answer.startswith(f"{prov['answer']}) ")
+        drug = row["id"].split(":")[2]
+        assert prov["choices"]["ABCD".index(prov["answer"])] in answer
+        assert drug in row["messages"][0]["content"]
+    # two question variants of one fact use two different phrasings
+    qa = {r["id"]: r["messages"][0]["content"] for r in rows}
+    assert qa["fact_templates:drugs:metformin:drug_class:qa0"] != qa["fact_templates:drugs:metformin:drug_class:qa1"]
+    assert all(r["provenance"]["table_sha256"] and r["provenance"]["fact"] for r in rows)
+
+
+def test_fact_table_missing_column_is_one_clear_error(tmp_path):
+    recipe = write_recipe(tmp_path, [FACTS])
+    (tmp_path / "domain" / "drugs.csv").write_text("id,drug,drug_class\nmetformin,metformin,biguanide\n")
+    with pytest.raises(RecipeError, match=r"drugs.csv: columns indication .* missing"):
+        synthesize(load_synth_recipe(recipe))
+    assert not (tmp_path / "out" / "sft.jsonl").exists()
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    recipe = write_recipe(tmp_path, [{"kind": "self_instruct", "seeds": "seeds.jsonl", "num_itmes": 3}])
+    with pytest.raises(RecipeError) as err:
+        load_synth_recipe(recipe)
+    assert "synth.methods.0.self_instruct.num_itmes: unknown key; did you mean `num_items`?" in str(err.value)
+    recipe = write_recipe(tmp_path, [{"kind": "self_instruct", "seeds": "missing.jsonl"}], name="b.yaml")
+    with pytest.raises(RecipeError, match=r"methods self_instruct need a `teacher:` section"):
+        load_synth_recipe(recipe)
+    recipe = write_recipe(tmp_path, [{"kind": "doc_qa", "documents": ["nope"]}], name="c.yaml",
+                          teacher={"base_url": "http://127.0.0.1:9/v1", "model": "m"})
+    with pytest.raises(RecipeError, match=r"synth.methods\[0\].documents\[0\]: file not found: nope"):
+        load_synth_recipe(recipe)
+
+
+# ------------------------------------------------------------------------------------------------ decontamination
+
+
+def test_decontamination_removes_planted_eval_items_and_keeps_clean_ones(tmp_path):
+    from llmtune.synth.decontam import decontaminate
+    from llmtune.synth.recipe import DecontaminationSection
+    from llmtune.synth.records import accepted
+
+    def item(item_id: str, question: str) -> dict:
+        return accepted(item_id, "self_instruct", {}, messages=[{"role": "user", "content": question},
+                                                               {"role": "assistant", "content": "An answer here."}])
+
+    domain(tmp_path)
+    planted = item("planted", EVAL[0]["question"])
+    reworded = item("reworded", "A 62 year old lady with newly confirmed hypertension and no other illnesses asks "
+                                "which drug is normally started first for a person of her age and background: "
+                                "what would you advise?")
+    inside = item("inside", "Quiz time. " + EVAL[1]["question"].upper() + " Think first.")
+    clean = item("clean", "Which medicine is usually started first for hypertension in a younger adult?")
+    near_topic = item("near", "Explain why scurvy was common among sailors.")
+    result = decontaminate([planted, reworded, inside, clean, near_topic],
+                           DecontaminationSection(eval_sets=[tmp_path / "domain" / "eval.jsonl"]))
+    removed = {m["id"]: m for m in result.matches}
+    assert set(removed) == {"planted", "reworded", "inside"}
+    assert removed["planted"]["eval_id"] == "ev-1" and removed["planted"]["match"] == "exact"
+    assert removed["reworded"]["eval_id"] == "ev-1" and removed["reworded"]["match"] in ("ngram", "fuzzy")
+    assert removed["inside"]["eval_id"] == "ev-2"
+    assert [r["id"] for r in result.kept] == ["clean", "near"]
+    assert all(r["stage"] == "decontamination" and "eval.jsonl:ev-" in r["reason"] for r in result.removed)
+
+
+def test_reworded_copy_without_shared_13_gram_is_caught_by_the_fuzzy_check(tmp_path):
+    from llmtune.synth.decontam import decontaminate
+    from llmtune.synth.recipe import DecontaminationSection
+    from llmtune.synth.records import accepted
+
+    domain(tmp_path)
+    # every 4th word changed: no 13-gram survives, the content words in order do
+    text = ("A 62-year-old lady with recently confirmed hypertension plus no other conditions asks which medicine "
+            "is typically started first for someone at her age and background; what do you recommend?")
+    record = accepted("r", "evol", {}, messages=[{"role": "user", "content": text},
+                                                 {"role": "assistant", "content": "Answer."}])
+    sets = [tmp_path / "domain" / "eval.jsonl"]
+    assert decontaminate([record], DecontaminationSection(eval_sets=sets)).matches[0]["match"] == "fuzzy"
+    assert decontaminate([record], DecontaminationSection(eval_sets=sets, fuzzy_threshold=None)).kept == [record]
+
+
+# ------------------------------------------------------------------------------------------------ teacher methods
+
+
+def fault_plan(key: str, attempt: int) -> str | None:
+    """Deterministic faults by request: some items hit 429 (Retry-After 1) or 500 once, a timeout once,
+    a malformed body, or 500 on every attempt (more than the retries allow)."""
+    bucket = zlib.crc32(key.encode()) % 12
+    if bucket == 0 and attempt == 1:
+        return "429"
+    if bucket == 1 and attempt <= 2:
+        return "500"
+    if bucket == 2 and attempt == 1:
+        return "timeout"
+    if bucket == 3:
+        return "malformed"
+    if bucket == 4:
+        return "500"
+    return None
+
+
+TEACHER_METHODS = [
+    {"kind": "self_instruct", "seeds": "seeds.jsonl", "num_items": 12, "batch_size": 6, "domain": "clinical"},
+    {"kind": "evol", "num_items": 6},
+    {"kind": "doc_qa", "documents": ["docs"], "chunk_words": 50, "questions_per_chunk": 2},
+    {"kind": "preferences", "samples": 3, "judge": "rubric", "min_margin": 0.0, "max_prompts": 6},
+]
+
+
+def test_faulty_teacher_retries_within_bounds_and_every_item_ends_with_a_reason(tmp_path):
+    server = TeacherServer(faults=fault_plan, client_timeout_s=1.0)
+    url = server.start()
+    try:
+        teacher = {"base_url": url, "model": "teacher", "max_concurrency": 3, "timeout_s": 1.0, "max_retries": 2}
+        recipe = write_recipe(tmp_path, TEACHER_METHODS, teacher=teacher)
+        report = synthesize(load_synth_recipe(recipe))
+    finally:
+        server.stop()
+    out = tmp_path / "out"
+    journal = read_jsonl(out / "journal.jsonl")
+    ids = [r["id"] for r in journal]
+    assert len(ids) == len(set(ids))
+    planned = 12 + 6 + 3 * 2 + 6
+    assert len(journal) == planned == sum(report["generated"].values())
+    assert all(r["status"] == "ok" or r["reason"] for r in journal)
+    # bounds: never more requests in flight than allowed, never more attempts than 1 + max_retries
+    assert server.peak_in_flight <= 3
+    assert max(len(a) for a in server.attempts.values()) <= 3
+    always_failing = [k for k in server.attempts if fault_plan(k, 1) == "500" and fault_plan(k, 3) == "500"]
+    assert always_failing and all(len(server.attempts[k]) == 3 for k in always_failing)
+    for key in always_failing:  # exponential backoff with jitter: 0.5 s then 1 s, each minus up to 25%
+        starts = [a[0] for a in server.attempts[key]]
+        assert starts[1] - starts[0] >= 0.35 and starts[2] - starts[1] >= 0.7
+    rate_limited = [k for k in server.attempts if fault_plan(k, 1) == "429"]
+    assert rate_limited
+    for key in rate_limited:  # Retry-After: 1 is honoured
+        starts = [a[0] for a in server.attempts[key]]
+        assert len(starts) >= 2 and starts[1] - starts[0] >= 0.95
+    # failures are in the rejects file with their reason, and items that survived transient faults are kept
+    rejects = {r["id"]: r for r in read_jsonl(out / "rejects.jsonl")}
+    reasons = " ".join(r["reason"] for r in rejects.values())
+    assert "malformed teacher response" in reasons and "teacher HTTP 500 after retries" in reasons
+    recovered = {k.split("#")[0] for k in server.attempts if fault_plan(k, 1) in ("429", "timeout")}
+    recovered -= {k.split("#")[0] for k in server.attempts if fault_plan(k, 1) in ("malformed", "500")
+                  and fault_plan(k, 3) in ("malformed", "500")}
+    sft_ids = {r["id"] for r in read_jsonl(out / "sft.jsonl")}
+    assert recovered & (sft_ids | {r["id"] for r in read_jsonl(out / "preferences.jsonl")})
+    for row in read_jsonl(out / "sft.jsonl"):
+        prov = row["provenance"]
+        assert prov["method"] == row["method"] and prov["teacher"].startswith("openai:teacher@")
+        assert len(prov["template_sha256"]) == 16
+        if row["method"] == "doc_qa":
+            assert prov["document"] == "guide.md" and prov["span"][1] > prov["span"][0]
+            assert row["scores"]["grounding"] >= 0.3
+    pairs = read_jsonl(out / "preferences.jsonl")
+    assert pairs and all(p["scores"]["chosen"] >= p["scores"]["rejected"] for p in pairs)
+    assert report["tokens"]["completion_tokens"] > 0
+    accounted = len(sft_ids) + len(pairs) + len(rejects)
+    assert accounted == planned
+
+
+def test_changed_generation_settings_refuse_to_mix_and_filters_rerun_without_the_teacher(tmp_path):
+    server = TeacherServer()
+    url = server.start()
+    try:
+        teacher = {"base_url": url, "model": "teacher"}
+        methods = [{"kind": "self_instruct", "seeds": "seeds.jsonl", "num_items": 4}]
+        recipe = write_recipe(tmp_path, methods, teacher=teacher)
+        synthesize(load_synth_recipe(recipe))
+        requests = sum(len(a) for a in server.attempts.values())
+        kept = read_jsonl(tmp_path / "out" / "sft.jsonl")
+        assert len(kept) == 4
+        # stricter filters: same journal, no new request, fewer rows kept, removals named
+        report = synthesize(load_synth_recipe(recipe, ["synth.filters.min_response_words=100"]))
+        assert sum(len(a) for a in server.attempts.values()) == requests
+        assert report["kept"]["sft"] == 0 and report["removed_by_filter"] == {"length": 4}
+        with pytest.raises(SynthError, match="different teacher, methods"):
+            synthesize(load_synth_recipe(recipe, ["synth.seed=99"]))
+        synthesize(load_synth_recipe(recipe, ["synth.seed=99"]), overwrite=True)
+    finally:
+        server.stop()
+
+
+def test_kill_9_then_rerun_gives_the_uninterrupted_result(tmp_path):
+    server = TeacherServer(latency_s=0.05)
+    url = server.start()
+    try:
+        teacher = {"base_url": url, "model": "teacher", "max_concurrency": 4}
+        methods = [{"kind": "self_instruct", "seeds": "seeds.jsonl", "num_items": 40, "batch_size": 10},
+                   {"kind": "doc_qa", "documents": ["docs"], "chunk_words": 50, "questions_per_chunk": 4}]
+        reference = write_recipe(tmp_path, methods, teacher=teacher, name="ref.yaml", output="reference")
+        result = run_cli("synth", str(reference))
+        assert result.returncode == 0, result.stderr
+        server.attempts.clear()
+
+        killed = write_recipe(tmp_path, methods, teacher=teacher, name="killed.yaml", output="killed")
+        journal = tmp_path / "killed" / "journal.jsonl"
+        process = subprocess.Popen([sys.executable, "-m", "llmtune", "synth", str(killed)], cwd=REPO,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if journal.exists() and len(journal.read_text().splitlines()) >= 15:
+                break
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        before = {r["id"] for r in read_jsonl(journal)}
+        assert 15 <= len(before) < 52
+        asked_before = set(server.attempts)
+        result = run_cli("synth", str(killed))
+        assert result.returncode == 0, result.stderr
+    finally:
+        server.stop()
+    after = read_jsonl(journal)
+    assert len(after) == len({r["id"] for r in after}) == 52
+    # nothing recorded before the kill was asked for again
+    asked_again = {key.split("#")[0] for key in set(server.attempts) - asked_before} | {
+        key.split("#")[0] for key in asked_before if len(server.attempts[key]) > 1}
+    assert not (asked_again & before)
+    for name in ("sft.jsonl", "rejects.jsonl"):
+        assert read_jsonl(tmp_path / "killed" / name) == read_jsonl(tmp_path / "reference" / name)
+
+
+# ------------------------------------------------------------------------------------------------ local teacher
+
+
+def test_tiny_local_teacher_every_item_accepted_or_rejected_with_reason(tmp_path, tiny_model_dir):
+    teacher = {"kind": "local", "path": "builtin:tiny", "max_tokens": 12}
+    methods = [{"kind": "self_instruct", "seeds": "seeds.jsonl", "num_items": 3, "batch_size": 3},
+               {"kind": "doc_qa", "documents": ["docs/guide.md"], "chunk_words": 80, "questions_per_chunk": 1},
+               FACTS,
+               {"kind": "preferences", "samples": 2, "max_prompts": 3, "min_margin": 0.0}]
+    recipe = write_recipe(tmp_path, methods, teacher=teacher, system_prompt="You are careful.")
+    report = synthesize(load_synth_recipe(recipe))
+    out = tmp_path / "out"
+    journal = read_jsonl(out / "journal.jsonl")
+    assert {r["method"] for r in journal} == {"self_instruct", "doc_qa", "preferences"}
+    assert len(journal) == 3 + 2 + 3
+    for record in journal:
+        assert record["status"] in ("ok", "rejected")
+        if record["status"] == "rejected":
+            assert record["reason"] and record["stage"] in ("teacher", "validation")
+            assert record["raw"]  # the teacher's text is kept for inspection
+        assert record["provenance"]["method"] == record["method"]
+        assert record["usage"]["requests"] >= 1
+    sft = read_jsonl(out / "sft.jsonl")
+    assert all(r["messages"][0] == {"role": "system", "content": "You are careful."} for r in sft)
+    pairs = read_jsonl(out / "preferences.jsonl") if (out / "preferences.jsonl").exists() else []
+    rejects = read_jsonl(out / "rejects.jsonl")
+    assert len(sft) + len(pairs) + len(rejects) == sum(report["generated"].values()) == 8 + 25
+    assert report["tokens"]["completion_tokens"] > 0
