@@ -46,7 +46,7 @@ def _setup_logging() -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+    for noisy in ("httpx", "httpx2", "openai", "absl", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # bitsandbytes warns at import that the optional `kernels` package is absent; its own CPU path is used.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -374,3 +374,71 @@ def test_tiny_local_teacher_every_item_accepted_or_rejected_with_reason(tmp_path
     rejects = read_jsonl(out / "rejects.jsonl")
     assert len(sft) + len(pairs) + len(rejects) == sum(report["generated"].values()) == 8 + 25
     assert report["tokens"]["completion_tokens"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ real teacher
+
+
+@pytest.mark.slow
+def test_smollm2_behind_llmtune_serve_as_teacher(tmp_path):
+    """The real pretrained SmolLM2-135M-Instruct as teacher over loopback HTTP: self-instruct and doc-QA rows
+    pass validation end to end; what fails is in the rejects file with its reason."""
+    import httpx
+
+    from llmtune.builtin_models import ensure_builtin
+
+    ensure_builtin("smollm2-135m-instruct")
+    with socket_port() as port:
+        pass
+    process = subprocess.Popen([sys.executable, "-m", "llmtune", "serve", "builtin:smollm2-135m-instruct",
+                                "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/models").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("llmtune serve did not come up")
+        teacher = {"base_url": url, "model": "builtin:smollm2-135m-instruct", "max_tokens": 96,
+                   "max_concurrency": 4}
+        methods = [{"kind": "self_instruct", "seeds": "seeds.jsonl", "num_items": 8, "batch_size": 8,
+                    "domain": "clinical"},
+                   {"kind": "doc_qa", "documents": ["docs"], "chunk_words": 60, "questions_per_chunk": 2}]
+        recipe = write_recipe(tmp_path, methods, teacher=teacher)
+        result = run_cli("synth", str(recipe))
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    out = tmp_path / "out"
+    journal = read_jsonl(out / "journal.jsonl")
+    accepted_by = {m: sum(r["status"] == "ok" for r in journal if r["method"] == m)
+                   for m in ("self_instruct", "doc_qa")}
+    report = json.loads((out / "report.json").read_text())
+    print(f"\nSmolLM2 teacher: accepted at validation {accepted_by} of 8 + 6; kept {report['kept']}; "
+          f"{report['new_items']} items in {report['wall_s']:.0f} s")
+    assert accepted_by["self_instruct"] >= 1 and accepted_by["doc_qa"] >= 1
+    sft = read_jsonl(out / "sft.jsonl")
+    assert sft and all(r["messages"][-1]["content"].strip() for r in sft)
+    rejects = read_jsonl(out / "rejects.jsonl")
+    assert all(r["reason"] and r["stage"] for r in rejects)
+    assert len(sft) + len(rejects) == 14
+
+
+class socket_port:
+    """A free loopback port (closed again on exit, for a server to bind)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        return self.socket.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        self.socket.close()

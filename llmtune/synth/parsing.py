@@ -11,6 +11,8 @@ _LABEL = re.compile(r"^\s*(?:(?:new\s+)?task\s*\d*|question|q|instruction|answer
 _NUMBERING = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s+")
 _TEMPLATE_LEAK = re.compile(r"\{\{|\}\}|\{%|<\|[a-z_]+\|>|<\/?s>", re.IGNORECASE)
 _SCORE = re.compile(r"score\s*[:=]?\s*(\d+(?:\.\d+)?)\s*(?:/\s*10)?", re.IGNORECASE)
+# A question inside a longer line: from a capitalised word to the first question mark.
+_QUESTION = re.compile(r"\b([A-Z][^.!?:\"]*\?)")
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 
 
@@ -20,12 +22,16 @@ def one_line(text: str, what: str, *, min_words: int = 3, max_words: int = 80, q
     if not lines:
         raise Rejected(f"empty {what}")
     line = _NUMBERING.sub("", _LABEL.sub("", lines[0])).strip().strip('"').strip()
+    if question and (asked := _QUESTION.findall(line)):
+        line = asked[0]  # `The patient could ask: "How ...?"` -> the question itself
     _check_text(line, what)
     words = len(line.split())
     if words < min_words:
         raise Rejected(f"{what} too short ({words} words, min {min_words})")
     if words > max_words:
         raise Rejected(f"{what} too long ({words} words, max {max_words})")
+    if line.endswith(":"):
+        raise Rejected(f"{what} is a heading, not a {what} (ends with ':')")
     if question and not line.endswith("?"):
         raise Rejected(f"{what} is not a question (no '?')")
     return line

@@ -19,6 +19,7 @@ from llmtune.synth.teachers import Teacher
 from llmtune.synth.text import content_words
 
 DOCUMENT_SUFFIXES = (".txt", ".md")
+_REFERS_TO_SOURCE = re.compile(r"\b(the|this|that|above) (passage|text|document|excerpt|article)\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,15 @@ def grounding(answer: str, passage: str) -> float:
     return sum(w in source for w in words) / len(words)
 
 
+def _check_standalone(question: str, passage: str) -> None:
+    """A question must make sense without its passage and be about it."""
+    if _REFERS_TO_SOURCE.search(question):
+        raise Rejected("question refers to the passage instead of standing alone")
+    source = set(content_words(passage))
+    if not any(len(word) > 3 and word in source for word in content_words(question)):
+        raise Rejected("question names nothing from its passage")
+
+
 def _task(item_id: str, method: DocQaMethod, teacher: Teacher, question_prompt: Prompt, answer_prompt: Prompt,
           chunk: Chunk) -> Task:
     provenance = {"method": "doc_qa", "teacher": teacher.name, **question_prompt.provenance,
@@ -90,6 +100,7 @@ def _task(item_id: str, method: DocQaMethod, teacher: Teacher, question_prompt: 
     async def make(call: Call) -> Record:
         text = await call.ask(teacher, "question", question_prompt.render(passage=chunk.text, title=chunk.title))
         question = parsing.one_line(text, "question", question=True)
+        _check_standalone(question, chunk.text)
         reply = await call.ask(teacher, "answer", answer_prompt.render(passage=chunk.text, question=question),
                                seed_offset=1)
         answer = parsing.answer(reply, question)
