@@ -55,10 +55,18 @@ def _setup_logging() -> None:
 @app.command()
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Validate a recipe and print it fully resolved (defaults filled in, paths absolute)."""
-    from llmtune.config import load_recipe, recipe_to_yaml
+    import yaml
 
-    resolved = load_recipe(recipe, set_)
-    typer.echo(recipe_to_yaml(resolved), nl=False)  # plain: rich would wrap long paths and break the YAML
+    from llmtune.config import load_recipe, read_raw_recipe, recipe_to_yaml
+
+    if "synth" in read_raw_recipe(recipe, set_):
+        from llmtune.synth.recipe import load_synth_recipe
+
+        section = load_synth_recipe(recipe, set_)
+        text = yaml.safe_dump({"synth": section.model_dump(mode="json")}, sort_keys=False)
+    else:
+        text = recipe_to_yaml(load_recipe(recipe, set_))
+    typer.echo(text, nl=False)  # plain: rich would wrap long paths and break the YAML
     err_console.print(f"[green]ok[/green] {recipe}")
 
 

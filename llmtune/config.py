@@ -233,14 +233,33 @@ def apply_override(raw: dict[str, Any], override: str, path: Path) -> None:
     key, sep, value = override.partition("=")
     if not sep or not key:
         raise RecipeError(f"--set {override!r}: expected KEY=VALUE, e.g. train.learning_rate=1e-4")
-    node = raw
+    node: Any = raw
     *parents, leaf = key.split(".")
     for part in parents:
+        if isinstance(node, list):  # `methods.0.table`: an index into a list of sections
+            node = _list_item(node, part, key, path)
+            continue
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, dict | list):
             raise RecipeError(f"{path}: --set {key}: `{part}` is not a section")
         node = child
-    node[leaf] = yaml.safe_load(value)
+    if isinstance(node, list):
+        node[_index(node, leaf, key, path)] = yaml.safe_load(value)
+    else:
+        node[leaf] = yaml.safe_load(value)
+
+
+def _index(items: list[Any], part: str, key: str, path: Path) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise RecipeError(f"{path}: --set {key}: `{part}` is not an index of a list of {len(items)}")
+    return int(part)
+
+
+def _list_item(items: list[Any], part: str, key: str, path: Path) -> Any:
+    item = items[_index(items, part, key, path)]
+    if not isinstance(item, dict | list):
+        raise RecipeError(f"{path}: --set {key}: item {part} is not a section")
+    return item
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -204,6 +204,88 @@ def test_reworded_copy_without_shared_13_gram_is_caught_by_the_fuzzy_check(tmp_p
     assert decontaminate([record], DecontaminationSection(eval_sets=sets, fuzzy_threshold=None)).kept == [record]
 
 
+# ------------------------------------------------------------------------------------------------ filters, prompts
+
+
+def _sft(item_id: str, prompt: str, answer: str, method: str = "self_instruct") -> dict:
+    from llmtune.synth.records import accepted
+
+    return accepted(item_id, method, {}, messages=[{"role": "user", "content": prompt},
+                                                    {"role": "assistant", "content": answer}])
+
+
+@pytest.mark.parametrize("method", ["rouge_l", "minhash"])
+def test_filters_remove_with_reasons_and_keep_the_rest(method):
+    from llmtune.synth.filters import apply_filters
+    from llmtune.synth.recipe import FiltersSection, NearDuplicates
+
+    records = [
+        _sft("ok", "Explain how inhaled steroids prevent asthma attacks in children.",
+             "They reduce airway inflammation."),
+        _sft("short", "Explain.", "Something useful here."),
+        _sft("refusal", "Describe the risks of taking ibuprofen with warfarin together.",
+             "As an AI language model I cannot give medical advice."),
+        _sft("blocked", "Tell me about the lottery numbers for next week please.", "They are random numbers."),
+        _sft("dup", "Explain how inhaled steroids prevent asthma attacks in young children.", "Less inflammation."),
+        _sft("seedcopy", "Summarise why warfarin needs regular INR monitoring checks.", "Narrow window."),
+        _sft("facts", "Explain how inhaled steroids prevent asthma attacks in children.", "Same prompt, facts.",
+             method="fact_templates"),
+    ]
+    section = FiltersSection(blocked_keywords=["lottery"], near_duplicates=NearDuplicates(method=method, threshold=0.5))
+    result = apply_filters(records, section, seed_prompts=[SEEDS[3]])
+    removed = {r["id"]: r for r in result.removed}
+    assert set(removed) == {"short", "refusal", "blocked", "dup", "seedcopy"}
+    assert removed["short"]["stage"] == "filter:length" and "prompt has 1 words" in removed["short"]["reason"]
+    assert "refusal" in removed["refusal"]["reason"] and "lottery" in removed["blocked"]["reason"]
+    assert removed["dup"]["stage"] == "filter:near_duplicate" and removed["dup"]["reason"].endswith("with ok")
+    assert removed["seedcopy"]["reason"].endswith("seed") or "seed-0" in removed["seedcopy"]["reason"]
+    assert [r["id"] for r in result.kept] == ["ok", "facts"]  # fact templates are not near-duplicate checked
+    assert result.counts == {"length": 1, "content": 2, "near_duplicate": 2}
+    assert 0 <= result.kept[0]["scores"]["near_duplicate"] < 0.5
+
+
+def test_prompt_templates_are_documented_and_strict(tmp_path):
+    from llmtune.synth.prompts import PROMPTS_DIR, PromptError, load_prompt
+
+    listed = (PROMPTS_DIR / "README.md").read_text()
+    for template in PROMPTS_DIR.glob("*.jinja"):
+        assert f"| `{template.stem}` |" in listed, template.name
+        load_prompt(template.stem)
+    with pytest.raises(PromptError, match=r"self_instruct.jinja: cannot render: 'examples' is undefined"):
+        load_prompt("self_instruct").render(domain="x")
+    with pytest.raises(PromptError, match=r"prompt template 'nope' not found"):
+        load_prompt("nope")
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for x in %}")
+    with pytest.raises(PromptError, match=r"broken\.jinja: not a valid Jinja template"):
+        load_prompt(str(broken))
+    prompt = load_prompt("doc_answer")
+    assert prompt.provenance == {"template": "doc_answer", "template_sha256": prompt.sha256[:16]}
+
+
+def test_secret_free_keys_are_allowed_and_keys_are_refused(tmp_path):
+    recipe = write_recipe(tmp_path, [FACTS], teacher={"base_url": "http://127.0.0.1:9/v1", "model": "m",
+                                                      "api_key_env": "MY_KEY", "max_tokens": 64})
+    assert load_synth_recipe(recipe).teacher.api_key_env == "MY_KEY"
+    recipe = write_recipe(tmp_path, [FACTS], name="bad.yaml",
+                          teacher={"base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key": "abc"})
+    with pytest.raises(RecipeError, match=r"synth\.teacher\.api_key: secrets never go in a recipe"):
+        load_synth_recipe(recipe)
+
+
+def test_synth_cli_validates_runs_and_reports(tmp_path):
+    recipe = write_recipe(tmp_path, [FACTS])
+    result = run_cli("validate", str(recipe))
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["synth"]["methods"][0]["table"] == str(tmp_path / "domain" / "drugs.csv")
+    result = run_cli("synth", str(recipe))
+    assert result.returncode == 0, result.stderr
+    assert "fact_templates" in result.stdout and "decontaminated: 0" in result.stdout
+    result = run_cli("synth", str(recipe), "--set", "synth.methods.0.table=missing.csv")
+    assert result.returncode == 2
+    assert "synth.methods[0].table: file not found: missing.csv" in result.stderr
+
+
 # ------------------------------------------------------------------------------------------------ teacher methods
 
 

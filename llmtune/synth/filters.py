@@ -35,7 +35,7 @@ def apply_filters(records: list[Record], section: FiltersSection, seed_prompts: 
     result = FilterResult(kept=[])
     survivors = []
     for record in records:
-        reason = _length_problem(record, section) 
+        reason = _length_problem(record, section)
         if reason:
             result.remove(record, "length", reason)
             continue
@@ -52,11 +52,11 @@ def apply_filters(records: list[Record], section: FiltersSection, seed_prompts: 
         if record["method"] not in section.near_duplicates.methods:
             result.kept.append(record)
             continue
-        reason = checker(record["id"], prompt_text(record))
+        similarity, reason = checker(record["id"], prompt_text(record))
         if reason:
             result.remove(record, "near_duplicate", reason)
         else:
-            result.kept.append(record)
+            result.kept.append({**record, "scores": {**record.get("scores", {}), "near_duplicate": similarity}})
     return result
 
 
@@ -82,7 +82,7 @@ def _content_problem(record: Record, section: FiltersSection) -> str | None:
 
 
 def _near_duplicate_checker(settings: NearDuplicates, seed_prompts: list[str]):
-    """A function (id, prompt) -> reason or None that remembers every prompt it let through."""
+    """A function (id, prompt) -> (highest similarity, reason or None) that remembers every prompt it let through."""
     if settings.method == "rouge_l":
         from rouge_score import rouge_scorer
 
@@ -90,7 +90,7 @@ def _near_duplicate_checker(settings: NearDuplicates, seed_prompts: list[str]):
         tokenizer = rouge_scorer.RougeScorer(["rougeL"])._tokenizer
         pool = [("seed", tokenizer.tokenize(text)) for text in seed_prompts]
 
-        def check_rouge(item_id: str, prompt: str) -> str | None:
+        def check_rouge(item_id: str, prompt: str) -> tuple[float, str | None]:
             tokens = tokenizer.tokenize(prompt)
             best, best_id = 0.0, None
             for other_id, other in pool:
@@ -98,9 +98,9 @@ def _near_duplicate_checker(settings: NearDuplicates, seed_prompts: list[str]):
                 if score > best:
                     best, best_id = score, other_id
             if best > settings.threshold:
-                return f"ROUGE-L {best:.2f} > {settings.threshold:g} with {best_id}"
+                return best, f"ROUGE-L {best:.2f} > {settings.threshold:g} with {best_id}"
             pool.append((item_id, tokens))
-            return None
+            return round(best, 4), None
 
         return check_rouge
 
@@ -115,15 +115,18 @@ def _near_duplicate_checker(settings: NearDuplicates, seed_prompts: list[str]):
         minhash.update_batch([s.encode() for s in shingles])
         return minhash
 
-    for number, text in enumerate(seed_prompts):
-        index.insert(f"seed-{number}", signature(text))
+    signatures = {f"seed-{number}": signature(text) for number, text in enumerate(seed_prompts)}
+    for key, minhash in signatures.items():
+        index.insert(key, minhash)
 
-    def check_minhash(item_id: str, prompt: str) -> str | None:
+    def check_minhash(item_id: str, prompt: str) -> tuple[float, str | None]:
         minhash = signature(prompt)
-        similar = index.query(minhash)
+        similar = sorted(index.query(minhash))
         if similar:
-            return f"MinHash Jaccard ≳ {settings.threshold:g} with {sorted(similar)[0]}"
+            estimate = minhash.jaccard(signatures[similar[0]])
+            return estimate, f"MinHash Jaccard {estimate:.2f} (LSH threshold {settings.threshold:g}) with {similar[0]}"
         index.insert(item_id, minhash)
-        return None
+        signatures[item_id] = minhash
+        return 0.0, None
 
     return check_minhash

@@ -157,9 +157,11 @@ class SynthSection(Section):
                 raise ValueError(f"methods[{index}] (preferences) needs a `policy:` or a `teacher:`")
             if method.kind == "preferences" and method.judge == "rubric" and self.teacher is None:
                 raise ValueError(f"methods[{index}]: `judge: rubric` asks the teacher: add a `teacher:` section")
-        kinds = [m.kind for m in self.methods]
-        if len(set(kinds)) != len(kinds):
-            raise ValueError("each method kind may appear once (item ids are built from it)")
+        # Item ids are built from the method kind (and a fact table's file name): they must not collide.
+        keys = [f"fact_templates:{m.table.stem}" if m.kind == "fact_templates" else m.kind for m in self.methods]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} appears more than once (fact tables need distinct file names)")
         return self
 
 
