@@ -46,8 +46,9 @@ def deterministic_reply(step: str, prompt: str) -> str:
         return f"Which {w[0]} {w[1]} {w[2]} is recommended for {w[3]} {w[4]} {w[5]}?"
     if kind == "judge":
         return f"Score: {tag[0] % 10 + 1}\nA short justification."
-    if kind == "sample":
-        return f"{w[0].capitalize()} and {w[1]} matter; consider {w[2]}, {w[3]} and {w[4]}."
+    if kind == "sample":  # samples echo 0-3 of the prompt's last words: they agree with a reference unequally
+        echo = " ".join(prompt.rstrip(".?!").split()[len(prompt.split()) - tag[6] % 4 :]) if tag[6] % 4 else ""
+        return f"{w[0].capitalize()} and {w[1]} matter {echo}; consider {w[2]}, {w[3]} and {w[4]}."
     # answers: reuse the prompt's words so doc-QA grounding passes
     words = [x for x in prompt.replace("\n", " ").split() if x.isalpha()][-12:]
     return f"In short, {' '.join(words)}, with attention to {w[0]} and {w[1]}."

@@ -142,3 +142,16 @@ def test_bad_recipe_exits_nonzero_without_an_output_folder(tmp_path, chat_file, 
     assert result.returncode == 2
     assert result.stderr.count("error:") == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+SYNTH_RECIPES = [p for p in SHIPPED if shipped_kind(p) == "synth"]
+
+
+@pytest.mark.parametrize("path", SYNTH_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_synth_recipe_validates_and_names_its_command(path):
+    from llmtune.synth.recipe import load_synth_recipe
+
+    section = load_synth_recipe(path)
+    assert section.methods and section.decontaminate.eval_sets
+    header = path.read_text().splitlines()[:4]
+    assert any(f"llmtune synth {path.relative_to(REPO)}" in line for line in header), path

@@ -3,6 +3,7 @@ README's test command verbatim."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -40,12 +41,17 @@ def test_ci_runs_every_test_command_of_the_readme():
 def _runnable(command: str, out: Path, sft_run: Path | None) -> str:
     """The README command as the tests run it: tiny model, a temporary output folder, this venv."""
     command = command.removeprefix(SETUP)  # CI runs the set-up itself, from scratch
+    if "synth_concurrency" in command:  # no model: a loopback teacher with fixed latency
+        command = re.sub(r" --\S+ \d+", "", command) + f" --items 8 --latency-ms 20 --results {shlex.quote(str(out))}"
+        return command.replace(".venv/bin/", f"{BIN}/")
     if command.startswith(".venv/bin/python benchmarks/"):  # the same script on the tiny model, in seconds
         command = re.sub(r" --\S+ \d+", "", command) + f" --model builtin:tiny --results {shlex.quote(str(out))}"
         command += " --steps 2 --rounds 1" if "dpo_vs_trl" in command else " --requests 4 --tokens 4"
     command = command.replace("-smollm2.yaml", "-tiny.yaml").replace(".venv/bin/", f"{BIN}/")
     if " train " in command:
         command = re.sub(r" --set output_dir=\S+", "", command) + f" --set output_dir={shlex.quote(str(out))}"
+    if " synth " in command:
+        command += f" --set synth.output_dir={shlex.quote(str(out))}"
     if sft_run is not None:
         command += f" --set preference.from_run={shlex.quote(str(sft_run))}"
     return command
@@ -73,6 +79,9 @@ def test_readme_command_runs(command, tmp_path, request):
     assert result.returncode == 0, f"{runnable}\n{result.stderr[-4000:]}"
     if " train " in command:
         assert (tmp_path / "run" / "manifest.json").is_file()
+    if " synth " in command:
+        report = json.loads((tmp_path / "run" / "report.json").read_text())
+        assert report["kept"]["sft"] > 0 and (tmp_path / "run" / "sft.jsonl").is_file()
     if " generate " in command:
         assert len((tmp_path / "output").read_text().splitlines()) == 10
     if " merge " in command:

@@ -388,6 +388,39 @@ def test_changed_generation_settings_refuse_to_mix_and_filters_rerun_without_the
         server.stop()
 
 
+def test_preference_pairs_from_a_prompt_file_judged_against_references(tmp_path):
+    server = TeacherServer()
+    url = server.start()
+    try:
+        folder = domain(tmp_path)
+        rows = [{"instruction": text, "output": f"Reference answer {i} about {text.split()[-1]}"}
+                for i, text in enumerate(SEEDS)]
+        (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        methods = [{"kind": "preferences", "prompts": "prompts.jsonl", "samples": 4, "min_margin": 0.01,
+                    "policy": {"base_url": url, "model": "policy", "temperature": 1.0}}]
+        recipe = write_recipe(tmp_path, methods)
+        report = synthesize(load_synth_recipe(recipe))
+    finally:
+        server.stop()
+    pairs = read_jsonl(tmp_path / "out" / "preferences.jsonl")
+    rejects = read_jsonl(tmp_path / "out" / "rejects.jsonl")
+    assert len(pairs) + len(rejects) == 5 == report["generated"]["preferences"]
+    assert pairs
+    for pair in pairs:
+        samples = pair["scores"]["samples"]
+        assert len(samples) == 4
+        assert pair["scores"]["chosen"] == max(samples) and pair["scores"]["rejected"] == min(samples)
+        assert pair["scores"]["chosen"] - pair["scores"]["rejected"] >= 0.01
+        assert pair["prompt"][-1]["role"] == "user" and pair["provenance"]["policy"].startswith("openai:policy@")
+        assert pair["chosen"] != pair["rejected"]
+    # the policy was asked four times per prompt, each with its own seed
+    assert {k.split("#")[1] for k in server.attempts} == {"sample0", "sample1", "sample2", "sample3"}
+    # the pairs load as llmtune DPO data
+    from llmtune.data.formats import to_preference
+
+    assert all(to_preference(p, "auto")["chosen"][0]["role"] == "assistant" for p in pairs)
+
+
 def test_kill_9_then_rerun_gives_the_uninterrupted_result(tmp_path):
     server = TeacherServer(latency_s=0.05)
     url = server.start()

@@ -109,18 +109,26 @@ def _read_rows(source: DataSource) -> Iterator[tuple[int, Any]]:
         yield item
 
 
+def read_jsonl(path: Path, objects: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, row) for each non-blank line; bad JSON (or, with `objects`, a non-object) names the row."""
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: row {line_number}: invalid JSON: {err.msg}") from None
+            if objects and not isinstance(row, dict):
+                raise DataError(f"{path}: row {line_number}: expected a JSON object")
+            yield line_number, row
+
+
 def _read_local(source: DataSource) -> Iterator[tuple[int, Any]]:
     path = Path(source.path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield line_number, json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}: row {line_number}: invalid JSON: {err.msg}") from None
+        yield from read_jsonl(path)
     elif suffix == ".json":
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))

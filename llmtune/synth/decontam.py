@@ -13,12 +13,12 @@ Written here because no kept library does n-gram decontamination against arbitra
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmtune.config import RecipeError
+from llmtune.data.loading import read_jsonl
 from llmtune.synth.recipe import DecontaminationSection
 from llmtune.synth.records import Record, as_rejected, prompt_text
 from llmtune.synth.text import content_words, normalized, words
@@ -35,13 +35,7 @@ class EvalItem:
 
 def read_eval_items(path: Path) -> list[EvalItem]:
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RecipeError(f"{path}: row {number}: not valid JSON ({err.msg})") from None
+    for number, row in read_jsonl(path, objects=True):
         text = eval_text(row)
         if not text:
             raise RecipeError(f"{path}: row {number}: no text to check against (expected one of "

@@ -211,7 +211,7 @@ def _resolve(section: SynthSection, base: Path, path: Path) -> SynthSection:
     if problems:
         raise RecipeError(f"{path}: invalid recipe\n" + "\n".join(f"  {p}" for p in problems))
     teacher = _resolve_teacher(section.teacher, base) if section.teacher is not None else None
-    output_dir = (base / section.output_dir).resolve()
+    output_dir = section.output_dir.resolve()  # like a training recipe's: relative to where you run it
     return section.model_copy(
         update={"methods": methods, "teacher": teacher, "decontaminate": decontaminate, "output_dir": output_dir}
     )

@@ -15,7 +15,6 @@ a multiple-choice stem, all Jinja over the row's columns:
 from __future__ import annotations
 
 import csv
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmtune.config import RecipeError
+from llmtune.data.loading import read_jsonl
 from llmtune.hashing import file_sha256
 from llmtune.synth.prompts import render_string
 from llmtune.synth.recipe import FactTemplatesMethod
@@ -115,13 +115,7 @@ def read_table(path: Path) -> list[tuple[str, dict[str, Any]]]:
         with open(path, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
     elif path.suffix.lower() == ".jsonl":
-        rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise RecipeError(f"{path}: row {number}: not valid JSON ({err.msg})") from None
+        rows = [row for _, row in read_jsonl(path, objects=True)]
     else:
         raise RecipeError(f"{path}: a fact table is .csv or .jsonl")
     if not rows:

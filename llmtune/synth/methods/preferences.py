@@ -27,17 +27,14 @@ def sources_from_records(records: list[Record]) -> list[Source]:
 
 
 def sources_from_file(path: Path) -> list[Source]:
-    import json
-
     from llmtune.data.formats import RowError, to_messages
+    from llmtune.data.loading import read_jsonl
 
     sources = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, row in read_jsonl(path, objects=True):
         try:
-            messages = to_messages(json.loads(line), "auto")
-        except (json.JSONDecodeError, RowError) as err:
+            messages = to_messages(row, "auto")
+        except RowError as err:
             raise RecipeError(f"{path}: row {number}: {err}") from None
         sources.append((f"{path.stem}-{number}", messages[:-1], messages[-1]["content"]))
     return sources

@@ -7,11 +7,11 @@ Rounds make it reproducible under concurrency and resume: a round's few-shot poo
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from llmtune.config import RecipeError
+from llmtune.data.loading import read_jsonl
 from llmtune.synth import parsing
 from llmtune.synth.context import Call, Context, Task
 from llmtune.synth.prompts import load_prompt
@@ -23,13 +23,7 @@ from llmtune.synth.teachers import Teacher
 def read_seed_tasks(path: Path) -> list[tuple[str, str]]:
     """(id, instruction) pairs from jsonl rows with `instruction` (alpaca) or `messages` (first user turn)."""
     tasks = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RecipeError(f"{path}: row {number}: not valid JSON ({err.msg})") from None
+    for number, row in read_jsonl(path, objects=True):
         if isinstance(row.get("instruction"), str) and row["instruction"].strip():
             text = row["instruction"].strip()
         elif isinstance(row.get("messages"), list):
