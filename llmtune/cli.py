@@ -119,10 +119,10 @@ def synth(
 
     section = load_synth_recipe(recipe, set_)
     _setup_logging()
-    from llmtune.synth.progress import SynthProgress
+    from llmtune.progress import WorkProgress
     from llmtune.synth.run import synthesize
 
-    with SynthProgress(err_console) as progress:
+    with WorkProgress(err_console) as progress:
         report = synthesize(section, overwrite=overwrite, progress=progress)
     _print_synth_summary(report)
     console.print(f"[green]done[/green] {section.output_dir}")
@@ -149,6 +149,80 @@ def _print_synth_summary(report: dict) -> None:
         f"{report['new_items']} new items in {report['wall_s']:.1f} s",
         highlight=False,
     )
+
+
+@app.command("eval")
+def eval_(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML with an `eval:` section.")] = None,
+    set_: SetOpt = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="NAME=PATH (a base model, run folder or merged model); repeatable; "
+                                     "the first is the baseline. Without a recipe."),
+    ] = None,
+    task: Annotated[
+        list[str] | None,
+        typer.Option("--task", help="KIND:FILE with KIND mcq or generative (e.g. mcq:data/eval/mcq.jsonl); "
+                                    "repeatable. Without a recipe."),
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write (without a recipe).")] = None,
+) -> None:
+    """Evaluate models on the same items: metrics with CIs, paired tests vs the baseline, per category,
+    report.json/.md/.html. Resumes per item when run again."""
+    from llmtune.eval.recipe import load_eval_recipe
+
+    if recipe is not None:
+        if model or task or output:
+            raise typer.BadParameter("give a recipe, or --model/--task/--output, not both")
+        section = load_eval_recipe(recipe, set_)
+    else:
+        section = _eval_from_flags(model or [], task or [], output)
+    _setup_logging()
+    from llmtune.eval.run import evaluate
+    from llmtune.progress import WorkProgress
+
+    with WorkProgress(err_console) as progress:
+        report = evaluate(section, progress=progress)
+    for task_info in report["tasks"]:
+        metric = task_info["primary_metric"]
+        for name, result in report["results"][task_info["name"]].items():
+            value = result["metrics"][metric]
+            compared = {c["metric"]: c for c in report["comparisons"][task_info["name"]].get(name, [])}
+            line = (f"{task_info['name']:<20} {name:<16} {metric} {value['mean']:.3f} "
+                    f"[{value['low']:.3f}, {value['high']:.3f}]")
+            if metric in compared:
+                c = compared[metric]
+                line += f"  {c['difference']:+.3f} vs {report['baseline']} (p={c['p_value']:.3g})"
+            console.print(line, highlight=False)
+    console.print(f"[green]done[/green] {section.output_dir / 'report.html'}")
+
+
+def _eval_from_flags(models: list[str], tasks: list[str], output: Path | None):
+    from llmtune.eval.recipe import EvalSection, resolve_eval_paths
+
+    if not models or not tasks or output is None:
+        raise typer.BadParameter("without a recipe, give --model NAME=PATH (one or more), --task KIND:FILE and -o DIR")
+    parsed_models = []
+    for item in models:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"--model {item!r}: expected NAME=PATH")
+        parsed_models.append({"name": name, "path": path})
+    parsed_tasks = []
+    for item in tasks:
+        kind, sep, path = item.partition(":")
+        if not sep or kind not in ("mcq", "generative"):
+            raise typer.BadParameter(f"--task {item!r}: expected mcq:FILE or generative:FILE")
+        parsed_tasks.append({"name": Path(path).stem, "kind": kind, "path": path})
+    from pydantic import ValidationError
+
+    from llmtune.config import RecipeError
+
+    try:
+        section = EvalSection(output_dir=output, models=parsed_models, tasks=parsed_tasks)
+    except ValidationError as err:
+        raise RecipeError(f"eval options: {err.errors()[0]['msg']}") from None
+    return resolve_eval_paths(section, Path.cwd(), "command line")
 
 
 TargetArg = Annotated[

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from llmtune.synth.journal import Journal
+from llmtune.journal import Journal
 from llmtune.synth.records import Record, Rejected, Usage, item_seed, rejected
 from llmtune.synth.teachers import Completion, Messages, Teacher, TeacherFailure
 

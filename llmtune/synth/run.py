@@ -18,19 +18,19 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtune.atomic import write_atomic
 from llmtune.errors import LlmtuneError
 from llmtune.hashing import file_sha256
+from llmtune.journal import Journal
 from llmtune.synth.context import Context
 from llmtune.synth.decontam import decontaminate
 from llmtune.synth.filters import apply_filters
-from llmtune.synth.journal import Journal
 from llmtune.synth.methods.doc_qa import doc_qa
 from llmtune.synth.methods.evol import evol
 from llmtune.synth.methods.facts import fact_items
@@ -199,7 +199,7 @@ def _claim(out: Path, fingerprint: str, overwrite: bool) -> None:
     if (out / JOURNAL).exists():
         raise SynthError(f"{out}: has a journal but no {STATE}; rerun with --overwrite to start again")
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(state, json.dumps({"fingerprint": fingerprint}, indent=2) + "\n")
+    write_atomic(state, json.dumps({"fingerprint": fingerprint}, indent=2) + "\n")
 
 
 def _report(section: SynthSection, outcome: Outcome, wall: float, new_items: int, fingerprint: str) -> dict[str, Any]:
@@ -247,22 +247,8 @@ def _write_outputs(out: Path, outcome: Outcome, report: dict[str, Any]) -> None:
     pairs = [{"id": r["id"], "method": r["method"], "prompt": r["prompt"], "chosen": r["chosen"],
               "rejected": r["rejected"], "scores": r["scores"], "provenance": r["provenance"]}
              for r in outcome.preferences]
-    _write_atomic(out / "sft.jsonl", jsonl(sft))
+    write_atomic(out / "sft.jsonl", jsonl(sft))
     if pairs or (out / "preferences.jsonl").exists():
-        _write_atomic(out / "preferences.jsonl", jsonl(pairs))
-    _write_atomic(out / "rejects.jsonl", jsonl(outcome.rejects))
-    _write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-
+        write_atomic(out / "preferences.jsonl", jsonl(pairs))
+    write_atomic(out / "rejects.jsonl", jsonl(outcome.rejects))
+    write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -1,5 +1,6 @@
-"""The generation journal: one jsonl line per finished item, appended and fsynced as items finish, so a killed
-run resumes without generating an item twice. A line cut short by the kill is dropped on reopening."""
+"""A journal: one jsonl line per finished item (a synthesized example, an evaluated item), appended and fsynced
+as items finish, so a killed run resumes without doing an item twice. A line cut short by the kill is dropped
+on reopening."""
 
 from __future__ import annotations
 
@@ -7,16 +8,15 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
-from llmtune.synth.records import Record
-
-log = logging.getLogger("llmtune.synth")
+log = logging.getLogger("llmtune")
 
 
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.records: dict[str, Record] = {}
+        self.records: dict[str, dict[str, Any]] = {}
         if path.exists():
             self._load()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,7 +43,7 @@ class Journal:
     def __contains__(self, item_id: str) -> bool:
         return item_id in self.records
 
-    def append(self, record: Record) -> None:
+    def append(self, record: dict[str, Any]) -> None:
         if record["id"] in self.records:
             raise RuntimeError(f"item {record['id']} is already in the journal")  # a bug, not bad input
         self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -1,4 +1,5 @@
-"""Progress of a synthesis run: a live bar per method on a terminal, a log line every 10% otherwise."""
+"""Progress of long work (synthesis, evaluation): a live bar per part on a terminal, a log line every 10%
+otherwise (files and CI logs)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-log = logging.getLogger("llmtune.synth")
+log = logging.getLogger("llmtune")
 
 
-class SynthProgress:
+class WorkProgress:
     def __init__(self, console: Console) -> None:
         self.live = console.is_terminal
         self.bar = Progress(TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
@@ -21,12 +22,24 @@ class SynthProgress:
         self.done: dict[str, int] = {}
         self.total: dict[str, int] = {}
 
-    def __enter__(self) -> SynthProgress:
+    def __enter__(self) -> WorkProgress:
         self.bar.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.bar.__exit__(*exc)
+
+    def track(self, part: str, total: int, done: int = 0):
+        """A function that advances `part` (of `total` items, `done` already) by n."""
+        self.start(part, total)
+        if done:
+            self.advance(done)
+
+        def advance(items: int) -> None:
+            self.method = part
+            self.advance(items)
+
+        return advance
 
     def start(self, method: str, items: int) -> None:
         """`items` more items of `method` are about to run (self-instruct announces each round)."""

@@ -1,0 +1,95 @@
+"""Multiple choice by log-likelihood, the way lm-eval scores MedQA/MedMCQA-style tasks: each option is a
+continuation of the question; the model picks the option with the highest summed log-probability (`acc`) or
+the highest per character (`acc_norm`, which removes the bias towards short options).
+
+All options of a batch of items go through one forward pass: rows are left-padded with explicit position
+ids, so every continuation ends at the last position and only the last `max continuation + 1` positions go
+through the output layer (`logits_to_keep`), not the whole vocabulary at every position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from llmtune.eval.items import McqItem
+from llmtune.inference.loading import Loaded
+
+
+@dataclass(frozen=True)
+class Option:
+    context: list[int]
+    continuation: list[int]
+    chars: int  # length of the continuation text, for acc_norm
+
+
+def build_options(loaded: Loaded, item: McqItem, style: str, system_prompt: str | None) -> list[Option]:
+    tokenizer = loaded.tokenizer
+    if style == "chat":
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": item.question})
+        context = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        special = False  # the template already wrote any special tokens
+        continuations = list(item.choices)
+    else:
+        context = (f"{system_prompt}\n\n" if system_prompt else "") + f"Question: {item.question}\nAnswer:"
+        special = True
+        continuations = [f" {choice}" for choice in item.choices]
+    context_ids = tokenizer(context, add_special_tokens=special)["input_ids"]
+    options = []
+    for text in continuations:
+        whole = tokenizer(context + text, add_special_tokens=special)["input_ids"]
+        if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
+            continuation = whole[len(context_ids) :]  # the tokens the text really gets after this context
+        else:
+            continuation = tokenizer(text, add_special_tokens=False)["input_ids"]
+        options.append(Option(context_ids, continuation, len(text)))
+    return options
+
+
+@torch.no_grad()
+def option_logprobs(loaded: Loaded, options: list[Option], rows_per_pass: int) -> list[float]:
+    """Summed log-probability of each option's continuation given its context."""
+    model, pad = loaded.model, loaded.tokenizer.pad_token_id
+    scores: list[float] = []
+    for start in range(0, len(options), rows_per_pass):
+        batch = options[start : start + rows_per_pass]
+        sequences = [o.context + o.continuation for o in batch]
+        width = max(len(s) for s in sequences)
+        keep = max(len(o.continuation) for o in batch) + 1
+        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences])
+        attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                       logits_to_keep=keep).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)  # (rows, keep, vocab): position i predicts token i+1
+        for row, option in enumerate(batch):
+            n = len(option.continuation)
+            predicted = logprobs[row, keep - 1 - n : keep - 1]
+            targets = torch.tensor(option.continuation)
+            scores.append(predicted.gather(-1, targets[:, None]).double().sum().item())  # float32 sums drift
+    return scores
+
+
+def score_mcq(loaded: Loaded, items: list[McqItem], style: str, system_prompt: str | None, batch_size: int,
+              advance: Callable[[int], None] = lambda n: None) -> list[dict[str, Any]]:
+    results = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        per_item = [build_options(loaded, item, style, system_prompt) for item in chunk]
+        flat = option_logprobs(loaded, [o for options in per_item for o in options], sum(map(len, per_item)))
+        offset = 0
+        for item, options in zip(chunk, per_item, strict=True):
+            logprobs = flat[offset : offset + len(options)]
+            offset += len(options)
+            normalised = [lp / o.chars for lp, o in zip(logprobs, options, strict=True)]
+            pred = max(range(len(options)), key=logprobs.__getitem__)
+            pred_norm = max(range(len(options)), key=normalised.__getitem__)
+            results.append({"id": item.id, "category": item.category, "answer": item.answer,
+                            "logprobs": [round(lp, 6) for lp in logprobs], "pred": pred, "pred_norm": pred_norm,
+                            "acc": float(pred == item.answer), "acc_norm": float(pred_norm == item.answer)})
+        advance(len(chunk))
+    return results

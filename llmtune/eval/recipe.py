@@ -1,0 +1,90 @@
+"""The recipe's `eval` section: which models (a base, trained runs, merged models), which tasks, how to compare.
+
+`llmtune eval RECIPE` reads only this section; `llmtune eval --model ... --task ...` builds one from flags.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from llmtune.config import BUILTIN_PREFIX, RecipeError, Section, read_raw_recipe, validate_section
+
+
+class EvalModel(Section):
+    name: str
+    # A base model (hub id, folder, .gguf, builtin:NAME), a trained run folder (its adapter on its base), or a
+    # merged model folder. Local paths are relative to the recipe's folder.
+    path: str
+
+
+class EvalTask(Section):
+    name: str
+    kind: Literal["mcq", "generative"]
+    path: Path  # jsonl: mcq rows {question, choices, answer}; generative rows {question|prompt|messages, answer}
+    prompt: Literal["chat", "plain"] = "chat"  # the model's chat template, or "Question: ...\nAnswer:"
+    system_prompt: str | None = None
+    max_items: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(64, gt=0)  # generative
+
+
+class EvalSection(Section):
+    output_dir: Path
+    models: list[EvalModel] = Field(min_length=1)
+    baseline: str | None = None  # the model every other is compared with (default: the first)
+    tasks: list[EvalTask] = Field(min_length=1)
+    batch_size: int = Field(8, gt=0)  # items per forward pass (all options of an MCQ item go together)
+    bootstrap: int = Field(1000, ge=100)  # resamples for confidence intervals and paired tests
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _rules(self) -> EvalSection:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique: {', '.join(names)}")
+        if self.baseline is not None and self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not one of the models ({', '.join(names)})")
+        tasks = [t.name for t in self.tasks]
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task names must be unique: {', '.join(tasks)}")
+        return self
+
+    @property
+    def baseline_name(self) -> str:
+        return self.baseline or self.models[0].name
+
+
+class _EvalFile(Section):
+    eval: EvalSection
+
+
+def load_eval_recipe(path: str | Path, overrides: list[str] | None = None) -> EvalSection:
+    path = Path(path)
+    raw = read_raw_recipe(path, overrides)
+    if "eval" not in raw:
+        raise RecipeError(f"{path}: no `eval:` section (see recipes/clinical-qa/eval-tiny.yaml)")
+    section = validate_section(_EvalFile, {"eval": raw["eval"]}, path).eval
+    return resolve_eval_paths(section, path.parent, str(path))
+
+
+def resolve_eval_paths(section: EvalSection, base: Path, where: str) -> EvalSection:
+    problems: list[str] = []
+    tasks = []
+    for index, task in enumerate(section.tasks):
+        resolved = (base / task.path).resolve()
+        if not resolved.is_file():
+            problems.append(f"eval.tasks[{index}].path: file not found: {task.path} (looked in {resolved})")
+        tasks.append(task.model_copy(update={"path": resolved}))
+    models: list[Any] = []
+    for model in section.models:
+        local = base / model.path
+        is_local = not model.path.startswith(BUILTIN_PREFIX) and (local.exists() or model.path.startswith((".", "/")))
+        if is_local and not local.exists():
+            problems.append(f"eval.models[{model.name}].path: not found: {model.path} (looked in {local.resolve()})")
+        models.append(model.model_copy(update={"path": str(local.resolve())}) if is_local else model)
+    if problems:
+        raise RecipeError(f"{where}: invalid recipe\n" + "\n".join(f"  {p}" for p in problems))
+    return section.model_copy(update={"tasks": tasks, "models": models, "output_dir": section.output_dir.resolve()})

@@ -1,0 +1,128 @@
+"""`llmtune eval`: every model on every task, the same items; per-item results journaled (a killed evaluation
+resumes), then metrics with bootstrap CIs, paired tests against the baseline, per-category breakdowns, and
+the report (report.json, report.md, report.html with plots).
+
+output_dir/
+  items/<task>/<model>.jsonl   per-item results (journal)
+  items/<task>/<model>.json    what they were computed from (model and task fingerprints)
+  report.json / report.md / report.html, plots/*.png
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from llmtune.eval.items import read_generative, read_mcq
+from llmtune.eval.recipe import EvalModel, EvalSection, EvalTask
+from llmtune.hashing import file_sha256
+from llmtune.journal import Journal
+
+log = logging.getLogger("llmtune.eval")
+
+METRICS = {"mcq": ("acc", "acc_norm"), "generative": ("exact_match", "f1", "rouge_l")}
+BINARY = {"acc", "acc_norm", "exact_match"}  # compared with McNemar's test; the rest with a paired bootstrap
+
+
+def evaluate(section: EvalSection, progress: Any = None) -> dict[str, Any]:
+    from llmtune.eval.report import build_report, write_report
+
+    items = {task.name: _read_items(task) for task in section.tasks}
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {task.name: {} for task in section.tasks}
+    for model in section.models:
+        pending = [t for t in section.tasks if not _complete(section, model, t, len(items[t.name]))]
+        loaded = _load(model) if pending else None
+        for task in section.tasks:
+            results[task.name][model.name] = _task_results(section, model, task, items[task.name], loaded, progress)
+        del loaded
+        gc.collect()
+    report = build_report(section, items, results)
+    write_report(section.output_dir, report, section)
+    return report
+
+
+def _read_items(task: EvalTask) -> list[Any]:
+    reader = read_mcq if task.kind == "mcq" else read_generative
+    return reader(task.path, task.max_items)
+
+
+def _load(model: EvalModel):
+    from llmtune.inference.loading import load_for_inference
+
+    log.info("loading %s (%s)", model.name, model.path)
+    return load_for_inference(model.path)
+
+
+def model_fingerprint(model: EvalModel) -> str:
+    """What the model's answers depend on: its weights (adapter or full) as files, or its name."""
+    path = Path(model.path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.is_file() else []
+    digest = hashlib.sha256(model.path.encode())
+    for file in files:
+        digest.update(file.name.encode() + file_sha256(file).encode())
+    return digest.hexdigest()
+
+
+def task_fingerprint(task: EvalTask) -> str:
+    described = task.model_dump(mode="json", exclude={"name", "path"}) | {"data": file_sha256(task.path)}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def _paths(section: EvalSection, model: EvalModel, task: EvalTask) -> tuple[Path, Path]:
+    folder = section.output_dir / "items" / task.name
+    return folder / f"{model.name}.jsonl", folder / f"{model.name}.json"
+
+
+def _complete(section: EvalSection, model: EvalModel, task: EvalTask, total: int) -> bool:
+    journal, meta = _paths(section, model, task)
+    if not (journal.is_file() and meta.is_file()):
+        return False
+    expected = {"model": model_fingerprint(model), "task": task_fingerprint(task)}
+    return json.loads(meta.read_text()) == expected and len(journal.read_text().splitlines()) >= total
+
+
+def _task_results(section: EvalSection, model: EvalModel, task: EvalTask, items: list[Any], loaded,
+                  progress: Any) -> list[dict[str, Any]]:
+    journal_path, meta_path = _paths(section, model, task)
+    expected = {"model": model_fingerprint(model), "task": task_fingerprint(task)}
+    if meta_path.is_file() and json.loads(meta_path.read_text()) != expected:
+        log.info("%s / %s: model or task changed since the saved results; evaluating again", task.name, model.name)
+        journal_path.unlink(missing_ok=True)
+    journal_path.parent.mkdir(parents=True, exist_ok=True)
+    meta_path.write_text(json.dumps(expected) + "\n")
+    journal = Journal(journal_path)
+    try:
+        todo = [item for item in items if item.id not in journal]
+        advance = _advance(progress, f"{task.name} · {model.name}", len(items), len(items) - len(todo))
+        if todo:
+            for result in _score(loaded, task, todo, section.batch_size, advance):
+                journal.append(result)
+        return [journal.records[item.id] for item in items]
+    finally:
+        journal.close()
+
+
+def _score(loaded, task: EvalTask, items: list[Any], batch_size: int,
+           advance: Callable[[int], None]) -> Iterator[dict[str, Any]]:
+    from llmtune.eval.generative import score_generative
+    from llmtune.eval.mcq import score_mcq
+
+    adapter = next(iter(loaded.adapters), None) or loaded.adapter_for(loaded.base_name)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        if task.kind == "mcq":
+            yield from score_mcq(loaded, chunk, task.prompt, task.system_prompt, batch_size, advance)
+        else:
+            yield from score_generative(loaded, adapter, chunk, task.system_prompt, task.max_new_tokens,
+                                        batch_size, advance)
+
+
+def _advance(progress: Any, label: str, total: int, done: int) -> Callable[[int], None]:
+    if progress is None:
+        return lambda n: None
+    return progress.track(label, total, done)

@@ -1,0 +1,188 @@
+"""`llmtune eval`: MCQ log-likelihood scoring against a plain reference, a trained adapter beating its base
+with a paired test that says so (and identical models that tie), generative metrics, the report, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from llmtune.data.loading import DataError
+from llmtune.eval.items import McqItem, read_mcq
+from llmtune.eval.recipe import EvalSection, load_eval_recipe
+from llmtune.eval.report import EvalReport
+from llmtune.eval.run import evaluate
+from tests.helpers import run_cli, write_recipe
+
+# Options of the same length (3 characters, 3 tokens for the tiny model's tokenizer): only the content decides.
+RIGHT = "yes"
+WRONG = ["dog", "sky", "nix"]
+
+
+def mcq_rows(count: int, seed: int = 0) -> list[dict]:
+    """Questions whose right option is always RIGHT (an adapter can learn that; a random model cannot know it)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        choices = [RIGHT, *WRONG]
+        rng.shuffle(choices)
+        words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega", "sigma"]) for _ in range(4))
+        rows.append({"id": f"q{i}", "category": "odd" if i % 2 else "even", "question": f"Question {i}: {words}?",
+                     "choices": choices, "answer": choices.index(RIGHT)})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mcq_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("mcq") / "mcq.jsonl", mcq_rows(40))
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory, tiny_model_dir, mcq_file) -> Path:
+    """A tiny LoRA trained to answer RIGHT to such questions (other questions than the eval's)."""
+    folder = tmp_path_factory.mktemp("prefer-right")
+    train = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": RIGHT}]}
+             for r in mcq_rows(48, seed=1)]
+    data = write_jsonl(folder / "train.jsonl", train)
+    recipe = write_recipe(folder, data, train={"epochs": 10, "batch_size": 8, "learning_rate": 2e-2,
+                                               "logging_steps": 2, "warmup_ratio": 0.0})
+    result = run_cli("train", str(recipe))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder / "run"
+
+
+def test_mcq_log_likelihoods_match_a_per_option_reference(tiny_model_dir, mcq_file):
+    from llmtune.eval.mcq import build_options, option_logprobs
+    from llmtune.inference.loading import load_for_inference
+
+    loaded = load_for_inference(str(tiny_model_dir))
+    items = [*read_mcq(mcq_file)[:6], McqItem("long", "x", "A longer question with more words in it?",
+                                               ("short", "a much longer option with many more tokens in it"), 1)]
+    for style in ("chat", "plain"):
+        options = [o for item in items for o in build_options(loaded, item, style, "Be brief.")]
+        batched = option_logprobs(loaded, options, rows_per_pass=9)  # batches cut across items
+        for option, score in zip(options, batched, strict=True):
+            ids = torch.tensor([option.context + option.continuation])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(loaded.model(ids).logits.float(), dim=-1)[0]
+            start = len(option.context)
+            reference = sum(logprobs[start + i - 1, token].item() for i, token in enumerate(option.continuation))
+            assert score == pytest.approx(reference, abs=1e-5)
+
+
+def test_trained_adapter_beats_the_base_and_identical_models_tie(tmp_path, tiny_model_dir, mcq_file, adapter_run):
+    section = EvalSection(
+        output_dir=tmp_path / "eval",
+        models=[{"name": "base", "path": str(tiny_model_dir)}, {"name": "base-again", "path": str(tiny_model_dir)},
+                {"name": "tuned", "path": str(adapter_run)}],
+        tasks=[{"name": "prefer-right", "kind": "mcq", "path": mcq_file}],
+        batch_size=8,
+    )
+    report = evaluate(section)
+    EvalReport.model_validate(report)
+    results = report["results"]["prefer-right"]
+    assert results["tuned"]["metrics"]["acc"]["mean"] >= 0.9
+    assert results["base"]["metrics"]["acc"]["mean"] <= 0.6
+    tuned = {c["metric"]: c for c in report["comparisons"]["prefer-right"]["tuned"]}
+    assert tuned["acc"]["test"] == "mcnemar_exact" and tuned["acc"]["p_value"] < 0.001
+    assert tuned["acc"]["difference"] > 0.3 and tuned["acc"]["low"] > 0
+    same = {c["metric"]: c for c in report["comparisons"]["prefer-right"]["base-again"]}
+    assert same["acc"]["difference"] == 0 and same["acc"]["p_value"] == 1.0
+    assert same["acc"]["only_candidate_right"] == same["acc"]["only_baseline_right"] == 0
+    # CIs bracket the mean; per-category counts add up
+    acc = results["base"]["metrics"]["acc"]
+    assert acc["low"] <= acc["mean"] <= acc["high"]
+    assert results["tuned"]["category_items"] == {"even": 20, "odd": 20}
+    # the tuned run's loss curve comes from its manifest
+    assert next(m for m in report["models"] if m["name"] == "tuned")["loss_curve"]
+    out = tmp_path / "eval"
+    assert json.loads((out / "report.json").read_text()) == report
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(list((out / "plots").glob("*.png"))) >= 3
+    assert "| prefer-right | tuned | acc |" in (out / "report.md").read_text()
+    per_item = [json.loads(line) for line in (out / "items" / "prefer-right" / "tuned.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in per_item] and len(per_item) == 40 and all(len(r["logprobs"]) == 4 for r in per_item)
+
+
+def test_evaluation_resumes_per_item_and_skips_finished_work(tmp_path, tiny_model_dir, mcq_file, monkeypatch):
+    section = EvalSection(output_dir=tmp_path / "eval", models=[{"name": "base", "path": str(tiny_model_dir)}],
+                          tasks=[{"name": "t", "kind": "mcq", "path": mcq_file}], batch_size=4)
+    first = evaluate(section)
+    journal = tmp_path / "eval" / "items" / "t" / "base.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(lines[:15]) + lines[15][:10])  # killed mid-write after 15 items
+    scored = []
+    import llmtune.eval.mcq as mcq
+
+    original = mcq.score_mcq
+    monkeypatch.setattr(mcq, "score_mcq", lambda loaded, items, *a, **k: scored.extend(items) or original(
+        loaded, items, *a, **k))
+    second = evaluate(section)
+    assert len(scored) == 25 and scored[0].id == "q15"
+    assert second["results"] == first["results"]
+
+    import llmtune.eval.run as run
+
+    monkeypatch.setattr(run, "_load", lambda model: pytest.fail("a finished evaluation loaded the model again"))
+    assert evaluate(section)["results"] == first["results"]
+
+
+def test_generative_scores_and_report(tmp_path, tiny_model_dir):
+    from llmtune.eval.generative import exact_match, normalize_answer, rouge_l, token_f1
+
+    assert normalize_answer("The  Paris!") == "paris"
+    assert exact_match("the Paris.", "paris") == 1.0 and exact_match("Lyon", "Paris") == 0.0
+    assert token_f1("blood pressure control", "control of blood pressure") == pytest.approx(2 * 1.0 * 0.75 / 1.75)
+    assert rouge_l("a b c d", "a b c d") == 1.0 and rouge_l("x y", "a b") == 0.0
+    rows = [{"id": "g1", "question": "Say hello", "answer": ["hello", "hi"]},
+            {"id": "g2", "messages": [{"role": "user", "content": "Name a colour"},
+                                      {"role": "assistant", "content": "blue"}], "answer": "blue"}]
+    data = write_jsonl(tmp_path / "gen.jsonl", rows)
+    section = EvalSection(output_dir=tmp_path / "eval", models=[{"name": "base", "path": str(tiny_model_dir)}],
+                          tasks=[{"name": "gen", "kind": "generative", "path": data, "max_new_tokens": 6}])
+    report = evaluate(section)
+    result = report["results"]["gen"]["base"]
+    assert set(result["metrics"]) == {"exact_match", "f1", "rouge_l"} and result["items"] == 2
+    items = [json.loads(x) for x in (tmp_path / "eval" / "items" / "gen" / "base.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["prediction"], str) for r in items)
+
+
+def test_stats_known_values():
+    from llmtune.eval.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap
+
+    # 10 items only the candidate gets right, 0 the other way: exact two-sided p = 2 * 0.5**10
+    test = mcnemar_exact([0.0] * 10 + [1.0] * 5, [1.0] * 15)
+    assert test["p_value"] == pytest.approx(2 * 0.5**10) and test["only_candidate_right"] == 10
+    assert mcnemar_exact([1, 0, 1], [1, 0, 1])["p_value"] == 1.0
+    ci = bootstrap_ci([0, 1] * 50, 2000, 0.95, seed=0)
+    assert ci.mean == 0.5 and 0.39 < ci.low < 0.45 and 0.55 < ci.high < 0.61
+    same = paired_bootstrap([0.2, 0.4, 0.9], [0.2, 0.4, 0.9], 500, 0.95, seed=0)
+    assert same["difference"] == 0 and same["p_value"] == 1.0
+    better = paired_bootstrap([0.1] * 30, [0.6] * 30, 500, 0.95, seed=0)
+    assert better["difference"] == pytest.approx(0.5) and better["p_value"] == 0.0
+
+
+def test_bad_eval_input_names_file_and_row(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "ok?", "choices": ["a", "b"], "answer": 0},
+                                               {"question": "x?", "choices": ["a", "b"], "answer": 5}])
+    with pytest.raises(DataError, match=r"bad.jsonl: row 2: `answer` must be a choice index 0..1"):
+        read_mcq(bad)
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text(yaml.safe_dump({"eval": {"output_dir": str(tmp_path / "out"),
+                                               "models": [{"name": "a", "path": "builtin:tiny"}],
+                                               "tasks": [{"name": "t", "kind": "mcq", "path": "missing.jsonl"}]}}))
+    result = run_cli("eval", str(recipe))
+    assert result.returncode == 2 and "eval.tasks[0].path: file not found: missing.jsonl" in result.stderr
+    recipe.write_text(yaml.safe_dump({"eval": {"output_dir": "x", "models": [{"name": "a", "path": "builtin:tiny"}],
+                                               "tasks": [{"name": "t", "kind": "mcqq", "path": "bad.jsonl"}]}}))
+    with pytest.raises(Exception, match=r"eval.tasks.0.kind"):
+        load_eval_recipe(recipe)
