@@ -166,6 +166,15 @@ def eval_(
                                     "repeatable. Without a recipe."),
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write (without a recipe).")] = None,
+    harness: Annotated[
+        str | None, typer.Option(help="Also run these lm-eval tasks (comma-separated) on every model, into the report.")
+    ] = None,
+    harness_include: Annotated[
+        Path | None, typer.Option(help="A folder of extra lm-eval task YAML (e.g. from --export-harness).")
+    ] = None,
+    export_harness: Annotated[
+        Path | None, typer.Option(help="Write the eval tasks as lm-eval task YAML into this folder and stop.")
+    ] = None,
 ) -> None:
     """Evaluate models on the same items: metrics with CIs, paired tests vs the baseline, per category,
     report.json/.md/.html. Resumes per item when run again."""
@@ -176,13 +185,21 @@ def eval_(
             raise typer.BadParameter("give a recipe, or --model/--task/--output, not both")
         section = load_eval_recipe(recipe, set_)
     else:
-        section = _eval_from_flags(model or [], task or [], output)
+        section = _eval_from_flags(model or [], task or [], output or export_harness)
     _setup_logging()
+    if export_harness is not None:
+        from llmtune.eval.harness import export_tasks
+
+        for path in export_tasks(section.tasks, export_harness):
+            console.print(str(path))
+        console.print(f"[green]exported[/green]: lm_eval --include_path {export_harness} --tasks TASK ...")
+        return
     from llmtune.eval.run import evaluate
     from llmtune.progress import WorkProgress
 
+    tasks = [t.strip() for t in harness.split(",") if t.strip()] if harness else None
     with WorkProgress(err_console) as progress:
-        report = evaluate(section, progress=progress)
+        report = evaluate(section, progress=progress, harness_tasks=tasks, harness_include=harness_include)
     for task_info in report["tasks"]:
         metric = task_info["primary_metric"]
         for name, result in report["results"][task_info["name"]].items():

@@ -186,3 +186,57 @@ def test_bad_eval_input_names_file_and_row(tmp_path):
                                                "tasks": [{"name": "t", "kind": "mcqq", "path": "bad.jsonl"}]}}))
     with pytest.raises(Exception, match=r"eval.tasks.0.kind"):
         load_eval_recipe(recipe)
+
+
+def test_exported_task_scores_the_same_under_lm_eval(tmp_path, tiny_model_dir, adapter_run):
+    """lm-eval itself, on our exported task, gives the same per-item log-likelihoods and right/wrong as
+    `llmtune eval`, for the base (pretrained=) and a trained run (peft=), plain and chat formats."""
+    pytest.importorskip("lm_eval")
+    from llmtune.eval.harness import export_tasks, harness_task_name, run_harness
+
+    rng = random.Random(7)
+    rows = [{**row, "answer": rng.randrange(4)} for row in mcq_rows(16, seed=3)]  # right answers vary
+    data = write_jsonl(tmp_path / "varied.jsonl", rows)
+    for style in ("plain", "chat"):
+        section = EvalSection(output_dir=tmp_path / style,
+                              models=[{"name": "base", "path": str(tiny_model_dir)},
+                                      {"name": "tuned", "path": str(adapter_run)}],
+                              tasks=[{"name": f"varied-{style}", "kind": "mcq", "path": data, "prompt": style}])
+        report = evaluate(section)
+        task = section.tasks[0]
+        export_tasks([task], tmp_path / "export")
+        harness = run_harness(section, [harness_task_name(task)], include_path=tmp_path / "export",
+                              log_samples=True, apply_chat_template=style == "chat")
+        for model in ("base", "tuned"):
+            ours = [json.loads(x) for x in (tmp_path / style / "items" / task.name / f"{model}.jsonl")
+                    .read_text().splitlines()]
+            theirs = {str(s["doc"]["id"]): s for s in harness[model]["samples"][harness_task_name(task)]}
+            assert len(theirs) == len(ours) == 16
+            for item in ours:
+                sample = theirs[item["id"]]
+                assert item["acc"] == sample["acc"] and item["acc_norm"] == sample["acc_norm"], (style, model)
+                assert item["logprobs"] == pytest.approx([r[0][0] for r in sample["resps"]], abs=1e-4)
+            ours_acc = report["results"][task.name][model]["metrics"]["acc"]["mean"]
+            assert harness[model]["results"][harness_task_name(task)]["acc,none"] == pytest.approx(ours_acc)
+
+
+def test_eval_command_with_flags_export_and_harness(tmp_path, tiny_model_dir):
+    pytest.importorskip("lm_eval")
+    data = write_jsonl(tmp_path / "quiz.jsonl", mcq_rows(6, seed=9))
+    export = tmp_path / "export"
+    result = run_cli("eval", "--model", "base=builtin:tiny", "--task", f"mcq:{data}", "--export-harness", str(export))
+    assert result.returncode == 0, result.stderr[-2000:]
+    spec = yaml.safe_load((export / "llmtune_quiz.yaml").read_text())
+    assert spec["output_type"] == "multiple_choice" and spec["doc_to_choice"] == "choices"
+    out = tmp_path / "out"
+    result = run_cli("eval", "--model", "base=builtin:tiny", "--task", f"mcq:{data}", "-o", str(out),
+                     "--harness", "llmtune_quiz", "--harness-include", str(export))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "quiz" in result.stdout and "acc" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    EvalReport.model_validate(report)
+    assert report["harness"]["base"]["llmtune_quiz"]["acc,none"] == report["results"]["quiz"]["base"]["metrics"][
+        "acc"]["mean"]
+    assert "## lm-evaluation-harness" in (out / "report.md").read_text()
+    result = run_cli("eval", "--model", "base", "--task", f"mcq:{data}", "-o", str(out))
+    assert result.returncode != 0 and "expected NAME=PATH" in result.stderr

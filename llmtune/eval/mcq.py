@@ -23,31 +23,37 @@ from llmtune.inference.loading import Loaded
 class Option:
     context: list[int]
     continuation: list[int]
-    chars: int  # length of the continuation text, for acc_norm
+    chars: int  # length of the option's text, for acc_norm (as lm-eval)
 
 
 def build_options(loaded: Loaded, item: McqItem, style: str, system_prompt: str | None) -> list[Option]:
-    tokenizer = loaded.tokenizer
+    """Context and continuation tokens of each option, split exactly as lm-eval splits them (so an exported
+    task scores the same): trailing whitespace of the context moves into the continuation, the pair is
+    encoded whole and the context's tokens cut off the front."""
     if style == "chat":
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": item.question})
-        context = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        special = False  # the template already wrote any special tokens
+        context = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         continuations = list(item.choices)
     else:
         context = (f"{system_prompt}\n\n" if system_prompt else "") + f"Question: {item.question}\nAnswer:"
-        special = True
         continuations = [f" {choice}" for choice in item.choices]
-    context_ids = tokenizer(context, add_special_tokens=special)["input_ids"]
-    options = []
-    for text in continuations:
-        whole = tokenizer(context + text, add_special_tokens=special)["input_ids"]
-        if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
-            continuation = whole[len(context_ids) :]  # the tokens the text really gets after this context
-        else:
-            continuation = tokenizer(text, add_special_tokens=False)["input_ids"]
-        options.append(Option(context_ids, continuation, len(text)))
-    return options
+    return [Option(*_encode_pair(loaded.tokenizer, context, text), len(choice))
+            for text, choice in zip(continuations, item.choices, strict=True)]
+
+
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    context_ids = _encode(tokenizer, context)
+    return context_ids, _encode(tokenizer, context + continuation)[len(context_ids) :]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # The tokenizer's own special tokens, unless the text (a rendered chat template) already starts with BOS.
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
 
 @torch.no_grad()

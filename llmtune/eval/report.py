@@ -73,10 +73,13 @@ class EvalReport(BaseModel):
     tasks: list[TaskInfo]
     results: dict[str, dict[str, Result]]  # task -> model -> result
     comparisons: dict[str, dict[str, list[Comparison]]]  # task -> candidate model -> one per metric
+    # lm-eval's own results when `--harness` ran: model -> lm-eval task -> metric -> value
+    harness: dict[str, dict[str, dict[str, float]]] = {}
 
 
 def build_report(section: EvalSection, items: dict[str, list[Any]],
-                 results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+                 results: dict[str, dict[str, list[dict[str, Any]]]],
+                 harness: dict[str, Any] | None = None) -> dict[str, Any]:
     from llmtune.eval.run import METRICS
 
     def estimate(values: list[float], salt: int) -> Estimate:
@@ -112,6 +115,7 @@ def build_report(section: EvalSection, items: dict[str, list[Any]],
         confidence=section.confidence, bootstrap_resamples=section.bootstrap,
         models=[ModelInfo(name=m.name, path=m.path, loss_curve=_loss_curve(Path(m.path))) for m in section.models],
         tasks=tasks, results=table, comparisons=comparisons,
+        harness={model: output["results"] for model, output in (harness or {}).items()},
     )
     return report.model_dump(mode="json")
 
@@ -236,6 +240,10 @@ def _markdown(report: dict[str, Any], plots: dict[str, bytes]) -> str:
     lines += ["", "## Data", ""]
     lines += [f"- `{t['name']}` ({t['kind']}, {t['items']} items): `{t['file']}` sha256 `{t['sha256'][:16]}`"
               for t in report["tasks"]]
+    if report["harness"]:
+        lines += ["", "## lm-evaluation-harness", "", "| model | task | metric | value |", "|---|---|---|---|"]
+        lines += [f"| {model} | {task} | {metric} | {value:.4g} |" for model, tasks in report["harness"].items()
+                  for task, metrics in tasks.items() for metric, value in metrics.items()]
     lines += ["", "## Plots", ""] + [f"![{name}](plots/{name}.png)" for name in plots]
     return "\n".join(lines) + "\n"
 

@@ -29,7 +29,9 @@ METRICS = {"mcq": ("acc", "acc_norm"), "generative": ("exact_match", "f1", "roug
 BINARY = {"acc", "acc_norm", "exact_match"}  # compared with McNemar's test; the rest with a paired bootstrap
 
 
-def evaluate(section: EvalSection, progress: Any = None) -> dict[str, Any]:
+def evaluate(section: EvalSection, progress: Any = None, harness_tasks: list[str] | None = None,
+             harness_include: Path | None = None) -> dict[str, Any]:
+    """Our tasks on every model; with `harness_tasks`, lm-eval's too (through its API), in the same report."""
     from llmtune.eval.report import build_report, write_report
 
     items = {task.name: _read_items(task) for task in section.tasks}
@@ -41,7 +43,12 @@ def evaluate(section: EvalSection, progress: Any = None) -> dict[str, Any]:
             results[task.name][model.name] = _task_results(section, model, task, items[task.name], loaded, progress)
         del loaded
         gc.collect()
-    report = build_report(section, items, results)
+    harness = None
+    if harness_tasks:
+        from llmtune.eval.harness import run_harness
+
+        harness = run_harness(section, harness_tasks, include_path=harness_include)
+    report = build_report(section, items, results, harness)
     write_report(section.output_dir, report, section)
     return report
 
