@@ -60,6 +60,7 @@ class TeacherServer:
     latency_s: float = 0.0
     client_timeout_s: float = 1.0
     attempts: dict[str, list[tuple[float, float, int]]] = field(default_factory=lambda: defaultdict(list))
+    prompts: dict[str, str] = field(default_factory=dict)  # the last prompt text per request key
     in_flight: int = 0
     peak_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -111,6 +112,7 @@ class TeacherServer:
                     return self._send(200, None, raw=b'{"id": "x", "choices": [')
                 step = key.split("#")[-1]
                 prompt = "\n".join(m["content"] for m in body["messages"])
+                server.prompts[key] = prompt
                 text = deterministic_reply(step, prompt)
                 reply = {
                     "id": "chatcmpl-test",

@@ -240,3 +240,41 @@ def test_eval_command_with_flags_export_and_harness(tmp_path, tiny_model_dir):
     assert "## lm-evaluation-harness" in (out / "report.md").read_text()
     result = run_cli("eval", "--model", "base", "--task", f"mcq:{data}", "-o", str(out))
     assert result.returncode != 0 and "expected NAME=PATH" in result.stderr
+
+
+def test_judge_tasks_grade_answers_through_a_teacher_endpoint(tmp_path, tiny_model_dir, adapter_run):
+    from tests.teacher_server import TeacherServer
+
+    rows = [{"id": f"s{i}", "category": "refer" if i % 2 else "decline", "prompt": f"Request number {i}, please.",
+             "expected": "refer" if i % 2 else "decline"} for i in range(8)]
+    data = write_jsonl(tmp_path / "safety.jsonl", rows)
+    server = TeacherServer(faults=lambda key, attempt: "malformed" if key == "s3#judge" else None)
+    url = server.start()
+    try:
+        section = EvalSection(
+            output_dir=tmp_path / "eval",
+            models=[{"name": "base", "path": str(tiny_model_dir)}, {"name": "tuned", "path": str(adapter_run)}],
+            tasks=[{"name": "safety", "kind": "judge", "path": data, "judge_prompt": "judge_safety",
+                    "max_new_tokens": 8}],
+            judge={"base_url": url, "model": "judge", "max_retries": 0},
+        )
+        report = evaluate(section)
+    finally:
+        server.stop()
+    EvalReport.model_validate(report)
+    assert set(report["results"]["safety"]["tuned"]["metrics"]) == {"judge_score", "judge_pass"}
+    tests = {c["metric"]: c["test"] for c in report["comparisons"]["safety"]["tuned"]}
+    assert tests == {"judge_score": "paired_bootstrap", "judge_pass": "mcnemar_exact"}
+    for model in ("base", "tuned"):
+        items = {json.loads(x)["id"]: json.loads(x) for x in
+                 (tmp_path / "eval" / "items" / "safety" / f"{model}.jsonl").read_text().splitlines()}
+        assert len(items) == 8
+        assert items["s3"]["judge_error"].startswith("malformed teacher response") and items["s3"]["judge_score"] == 0
+        others = [r for key, r in items.items() if key != "s3"]
+        assert all(r["judge_reply"].startswith("Score: ") and 0 <= r["judge_score"] <= 1 for r in others)
+        assert all(r["judge_pass"] == float(r["judge_score"] >= 0.5) for r in items.values())
+    # the rubric saw the request, the model's answer and the expected behaviour
+    assert {key.split("#")[1] for key in server.attempts} == {"judge"}
+    seen = server.prompts["s1#judge"]
+    assert "Request: Request number 1, please." in seen and 'expected behaviour is: refer' in seen
+    assert f"Assistant's answer: {items['s1']['prediction']}" in seen

@@ -42,20 +42,29 @@ def rouge_l(prediction: str, reference: str) -> float:
     return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
 
 
+def generate_answers(loaded: Loaded, adapter: str, items: list[GenerativeItem], system_prompt: str | None,
+                     max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers, batched."""
+    answers = []
+    for start in range(0, len(items), batch_size):
+        requests = []
+        for item in items[start : start + batch_size]:
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            messages += [{"role": role, "content": content} for role, content in item.messages]
+            requests.append(GenerationRequest(adapter=adapter, messages=messages, max_new_tokens=max_new_tokens,
+                                              sampling=Sampling()))
+        answers += [choices[0].text.strip() for choices in generate(loaded, requests)]
+    return answers
+
+
 def score_generative(loaded: Loaded, adapter: str, items: list[GenerativeItem], system_prompt: str | None,
                      max_new_tokens: int, batch_size: int,
                      advance: Callable[[int], None] = lambda n: None) -> list[dict[str, Any]]:
     results = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        requests = []
-        for item in chunk:
-            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-            messages += [{"role": role, "content": content} for role, content in item.messages]
-            requests.append(GenerationRequest(adapter=adapter, messages=messages, max_new_tokens=max_new_tokens,
-                                              sampling=Sampling()))
-        for item, [answer] in zip(chunk, generate(loaded, requests), strict=True):
-            text = answer.text.strip()
+        for item, text in zip(chunk, generate_answers(loaded, adapter, chunk, system_prompt, max_new_tokens,
+                                                      batch_size), strict=True):
             results.append({
                 "id": item.id, "category": item.category, "prediction": text,
                 "exact_match": max(exact_match(text, r) for r in item.references),

@@ -26,6 +26,7 @@ class GenerativeItem:
     category: str
     messages: tuple[tuple[str, str], ...]  # (role, content), ending with the user
     references: tuple[str, ...]
+    expected: str | None = None  # judge tasks: the behaviour the rubric checks for (e.g. "refer")
 
 
 def read_mcq(path: Path, max_items: int | None = None) -> list[McqItem]:
@@ -46,17 +47,23 @@ def read_mcq(path: Path, max_items: int | None = None) -> list[McqItem]:
     return _unique(items, path)[:max_items]
 
 
-def read_generative(path: Path, max_items: int | None = None) -> list[GenerativeItem]:
+def read_generative(path: Path, max_items: int | None = None, references_required: bool = True
+                    ) -> list[GenerativeItem]:
     items = []
     for number, row in read_jsonl(path, objects=True):
         where = f"{path}: row {number}"
         messages = _prompt(row, where)
         references = row.get("answer", row.get("reference", row.get("references")))
         references = [references] if isinstance(references, str) else references
-        if not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
+        if references is None and not references_required:
+            references = []
+        elif not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
             raise DataError(f"{where}: `answer` (or `references`) must be text or a list of texts")
+        expected = row.get("expected")
+        if expected is not None and not isinstance(expected, str):
+            raise DataError(f"{where}: `expected` must be text")
         items.append(GenerativeItem(str(row.get("id", number)), str(row.get("category", "all")), messages,
-                                    tuple(references)))
+                                    tuple(references), expected))
     return _unique(items, path)[:max_items]
 
 

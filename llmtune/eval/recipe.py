@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from llmtune.config import BUILTIN_PREFIX, RecipeError, Section, read_raw_recipe, validate_section
+from llmtune.synth.recipe import TeacherSection
 
 
 class EvalModel(Section):
@@ -22,12 +23,17 @@ class EvalModel(Section):
 
 class EvalTask(Section):
     name: str
-    kind: Literal["mcq", "generative"]
-    path: Path  # jsonl: mcq rows {question, choices, answer}; generative rows {question|prompt|messages, answer}
+    # mcq: log-likelihood of each option; generative: greedy answer vs references; judge: greedy answer graded
+    # by the `judge` model with a rubric prompt (the safety slice: `judge_prompt: judge_safety`).
+    kind: Literal["mcq", "generative", "judge"]
+    # jsonl: mcq rows {question, choices, answer}; generative rows {question|prompt|messages, answer};
+    # judge rows {question|prompt|messages, answer (optional reference), expected (optional, for the rubric)}
+    path: Path
     prompt: Literal["chat", "plain"] = "chat"  # the model's chat template, or "Question: ...\nAnswer:"
     system_prompt: str | None = None
     max_items: int | None = Field(None, gt=0)
-    max_new_tokens: int = Field(64, gt=0)  # generative
+    max_new_tokens: int = Field(64, gt=0)  # generative, judge
+    judge_prompt: str = "judge_rubric"  # judge: a template in prompts/ or a .jinja file
 
 
 class EvalSection(Section):
@@ -39,9 +45,13 @@ class EvalSection(Section):
     bootstrap: int = Field(1000, ge=100)  # resamples for confidence intervals and paired tests
     confidence: float = Field(0.95, gt=0.5, lt=1)
     seed: int = 0
+    judge: TeacherSection | None = None  # the grader for `kind: judge` tasks (any teacher llmtune synth can use)
 
     @model_validator(mode="after")
     def _rules(self) -> EvalSection:
+        judged = [t.name for t in self.tasks if t.kind == "judge"]
+        if judged and self.judge is None:
+            raise ValueError(f"judge tasks ({', '.join(judged)}) need a `judge:` section (a teacher endpoint or model)")
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique: {', '.join(names)}")

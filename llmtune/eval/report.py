@@ -48,7 +48,7 @@ class Result(BaseModel):
 
 class TaskInfo(BaseModel):
     name: str
-    kind: Literal["mcq", "generative"]
+    kind: Literal["mcq", "generative", "judge"]
     file: str
     sha256: str
     items: int

@@ -25,8 +25,10 @@ from llmtune.journal import Journal
 
 log = logging.getLogger("llmtune.eval")
 
-METRICS = {"mcq": ("acc", "acc_norm"), "generative": ("exact_match", "f1", "rouge_l")}
-BINARY = {"acc", "acc_norm", "exact_match"}  # compared with McNemar's test; the rest with a paired bootstrap
+METRICS = {"mcq": ("acc", "acc_norm"), "generative": ("exact_match", "f1", "rouge_l"),
+           "judge": ("judge_score", "judge_pass")}
+# Right/wrong metrics are compared with McNemar's exact test; scores with a paired bootstrap.
+BINARY = {"acc", "acc_norm", "exact_match", "judge_pass"}
 
 
 def evaluate(section: EvalSection, progress: Any = None, harness_tasks: list[str] | None = None,
@@ -54,8 +56,9 @@ def evaluate(section: EvalSection, progress: Any = None, harness_tasks: list[str
 
 
 def _read_items(task: EvalTask) -> list[Any]:
-    reader = read_mcq if task.kind == "mcq" else read_generative
-    return reader(task.path, task.max_items)
+    if task.kind == "mcq":
+        return read_mcq(task.path, task.max_items)
+    return read_generative(task.path, task.max_items, references_required=task.kind == "generative")
 
 
 def _load(model: EvalModel):
@@ -107,19 +110,26 @@ def _task_results(section: EvalSection, model: EvalModel, task: EvalTask, items:
         todo = [item for item in items if item.id not in journal]
         advance = _advance(progress, f"{task.name} · {model.name}", len(items), len(items) - len(todo))
         if todo:
-            for result in _score(loaded, task, todo, section.batch_size, advance):
+            for result in _score(loaded, section, task, todo, advance):
                 journal.append(result)
         return [journal.records[item.id] for item in items]
     finally:
         journal.close()
 
 
-def _score(loaded, task: EvalTask, items: list[Any], batch_size: int,
+def _score(loaded, section: EvalSection, task: EvalTask, items: list[Any],
            advance: Callable[[int], None]) -> Iterator[dict[str, Any]]:
     from llmtune.eval.generative import score_generative
+    from llmtune.eval.judge import score_judged
     from llmtune.eval.mcq import score_mcq
 
     adapter = next(iter(loaded.adapters), None) or loaded.adapter_for(loaded.base_name)
+    batch_size = section.batch_size
+    if task.kind == "judge":
+        assert section.judge is not None
+        yield from score_judged(loaded, adapter, items, task.system_prompt, task.max_new_tokens, batch_size,
+                                section.judge, task.judge_prompt, section.seed, advance)
+        return
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         if task.kind == "mcq":
