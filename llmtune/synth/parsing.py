@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from llmtune.synth.records import Rejected
 
@@ -60,6 +61,9 @@ def score(text: str, low: float = 1, high: float = 10) -> float:
 
 
 def _check_text(text: str, what: str) -> None:
+    # U+FFFD comes from decoding a cut byte sequence; control characters never belong in an instruction or answer.
+    if any(ch == "\ufffd" or (unicodedata.category(ch) == "Cc" and ch not in "\n\t") for ch in text):
+        raise Rejected(f"{what} contains broken or control characters")
     if _TEMPLATE_LEAK.search(text):
         raise Rejected(f"{what} contains template or special-token text")
     letters = sum(len(w) for w in _WORD.findall(text))
