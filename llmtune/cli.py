@@ -59,11 +59,16 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
     from llmtune.config import load_recipe, read_raw_recipe, recipe_to_yaml
 
-    if "synth" in read_raw_recipe(recipe, set_):
+    raw = read_raw_recipe(recipe, set_)
+    if "synth" in raw:
         from llmtune.synth.recipe import load_synth_recipe
 
         section = load_synth_recipe(recipe, set_)
         text = yaml.safe_dump({"synth": section.model_dump(mode="json")}, sort_keys=False)
+    elif "eval" in raw:
+        from llmtune.eval.recipe import load_eval_recipe
+
+        text = yaml.safe_dump({"eval": load_eval_recipe(recipe, set_).model_dump(mode="json")}, sort_keys=False)
     else:
         text = recipe_to_yaml(load_recipe(recipe, set_))
     typer.echo(text, nl=False)  # plain: rich would wrap long paths and break the YAML
@@ -210,7 +215,7 @@ def eval_(
             if metric in compared:
                 c = compared[metric]
                 line += f"  {c['difference']:+.3f} vs {report['baseline']} (p={c['p_value']:.3g})"
-            console.print(line, highlight=False)
+            console.print(line, highlight=False, soft_wrap=True)
     console.print(f"[green]done[/green] {section.output_dir / 'report.html'}")
 
 

@@ -20,6 +20,8 @@ def shipped_kind(path: Path) -> str:
         return "accelerate"
     if "synth" in raw:
         return "synth"
+    if "eval" in raw:
+        return "eval"
     if "entity" in raw and "attributes" in raw:
         return "fact_templates"
     return "train"
@@ -155,3 +157,17 @@ def test_every_shipped_synth_recipe_validates_and_names_its_command(path):
     assert section.methods and section.decontaminate.eval_sets
     header = path.read_text().splitlines()[:4]
     assert any(f"llmtune synth {path.relative_to(REPO)}" in line for line in header), path
+
+
+EVAL_RECIPES = [p for p in SHIPPED if shipped_kind(p) == "eval"]
+
+
+@pytest.mark.parametrize("path", EVAL_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_eval_recipe_validates_and_names_its_command(path, finished_sft_run):
+    from llmtune.eval.recipe import load_eval_recipe
+
+    runs = [i for i, m in enumerate(yaml.safe_load(path.read_text())["eval"]["models"]) if "runs/" in m["path"]]
+    section = load_eval_recipe(path, [f"eval.models.{i}.path={finished_sft_run}" for i in runs])
+    assert all(Path(t.path).is_file() for t in section.tasks)
+    header = path.read_text().splitlines()[:4]
+    assert any(f"llmtune eval {path.relative_to(REPO)}" in line for line in header), path

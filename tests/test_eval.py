@@ -19,6 +19,7 @@ from llmtune.eval.run import evaluate
 from tests.helpers import run_cli, write_recipe
 
 # Options of the same length (3 characters, 3 tokens for the tiny model's tokenizer): only the content decides.
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "llmtune" / "eval" / "report.schema.json"
 RIGHT = "yes"
 WRONG = ["dog", "sky", "nix"]
 
@@ -106,6 +107,7 @@ def test_trained_adapter_beats_the_base_and_identical_models_tie(tmp_path, tiny_
     assert next(m for m in report["models"] if m["name"] == "tuned")["loss_curve"]
     out = tmp_path / "eval"
     assert json.loads((out / "report.json").read_text()) == report
+    _validate_against_schema(report)
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(list((out / "plots").glob("*.png"))) >= 3
     assert "| prefer-right | tuned | acc |" in (out / "report.md").read_text()
@@ -278,3 +280,42 @@ def test_judge_tasks_grade_answers_through_a_teacher_endpoint(tmp_path, tiny_mod
     seen = server.prompts["s1#judge"]
     assert "Request: Request number 1, please." in seen and 'expected behaviour is: refer' in seen
     assert f"Assistant's answer: {items['s1']['prediction']}" in seen
+
+
+def test_report_html_renders_its_plots_in_headless_chromium(tmp_path, tiny_model_dir):
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (CI installs Debian's chromium package)")
+    rng = random.Random(1)
+    data = write_jsonl(tmp_path / "varied.jsonl", [{**r, "answer": rng.randrange(4)} for r in mcq_rows(24)])
+    section = EvalSection(output_dir=tmp_path / "eval", models=[{"name": "base", "path": str(tiny_model_dir)}],
+                          tasks=[{"name": "t", "kind": "mcq", "path": data}], batch_size=8)
+    report = evaluate(section)
+    assert report["results"]["t"]["base"]["metrics"]["acc"]["mean"] > 0.1  # a bar to see
+    page, shot = tmp_path / "eval" / "report.html", tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1000,1400", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    bar = torch.tensor([0x4C, 0x72, 0xB0]) / 255  # the bars' colour in the accuracy plot
+    near = (torch.from_numpy(pixels.copy()) - bar).abs().max(dim=-1).values < 0.03
+    assert near.sum() > 2000  # the plot's bars are on screen, not a broken image icon
+
+
+def _validate_against_schema(report: dict) -> None:
+    """report.json against the published schema file, with an independent validator (jsonschema)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(SCHEMA_FILE.read_text())
+    jsonschema.validate(report, schema)
+    broken = {k: v for k, v in report.items() if k != "comparisons"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+def test_published_report_schema_is_current():
+    assert json.loads(SCHEMA_FILE.read_text()) == EvalReport.model_json_schema()
