@@ -46,12 +46,15 @@ def _runnable(command: str, out: Path, sft_run: Path | None) -> str:
         return command.replace(".venv/bin/", f"{BIN}/")
     if command.startswith(".venv/bin/python benchmarks/"):  # the same script on the tiny model, in seconds
         command = re.sub(r" --\S+ \d+", "", command) + f" --model builtin:tiny --results {shlex.quote(str(out))}"
-        command += " --steps 2 --rounds 1" if "dpo_vs_trl" in command else " --requests 4 --tokens 4"
+        small = {"dpo_vs_trl": " --steps 2 --rounds 1", "eval_vs_lm_eval": " --items 8 --rounds 1"}
+        command += next((v for k, v in small.items() if k in command), " --requests 4 --tokens 4")
     command = command.replace("-smollm2.yaml", "-tiny.yaml").replace(".venv/bin/", f"{BIN}/")
     if " train " in command:
         command = re.sub(r" --set output_dir=\S+", "", command) + f" --set output_dir={shlex.quote(str(out))}"
     if " synth " in command:
         command += f" --set synth.output_dir={shlex.quote(str(out))}"
+    if " eval recipes/" in command:
+        command += f" --set eval.output_dir={shlex.quote(str(out))}"
     if sft_run is not None:
         command += f" --set preference.from_run={shlex.quote(str(sft_run))}"
     return command
@@ -62,12 +65,16 @@ RUN_FOLDERS = re.compile(r"runs/clinical-qa/(sft|dpo)-smollm2(?!-)\b")
 
 @pytest.mark.parametrize("command", [c for c in readme_commands() if "pytest" not in c])
 def test_readme_command_runs(command, tmp_path, request):
-    uses_a_run = "dpo-" in command or RUN_FOLDERS.search(command) is not None
+    eval_recipe = " eval recipes/" in command
+    uses_a_run = "dpo-" in command or eval_recipe or RUN_FOLDERS.search(command) is not None
     sft_run = request.getfixturevalue("finished_sft_run") if uses_a_run else None
-    if " train " in command or sft_run is None:
+    if eval_recipe:  # the tiny eval recipe compares the base with a real (tiny) SFT run
+        runnable = _runnable(command, tmp_path / "run", None) + f" --set eval.models.1.path={shlex.quote(str(sft_run))}"
+    elif " train " in command or sft_run is None:
         runnable = _runnable(command, tmp_path / "run", sft_run if "dpo-" in command else None)
-    else:  # generate / chat / serve on a trained run: a real tiny run stands in for the SmolLM2 ones
+    else:  # generate / chat / serve / eval on a trained run: a real tiny run stands in for the SmolLM2 ones
         runnable = RUN_FOLDERS.sub(str(sft_run), command).replace(".venv/bin/", f"{BIN}/")
+        runnable = runnable.replace("builtin:smollm2-135m-instruct", "builtin:tiny")
         runnable = re.sub(r"-o \S+", f"-o {tmp_path / 'output'}", runnable)
     env = {**os.environ, "OMP_NUM_THREADS": "1" if "launch" in command else os.environ.get("OMP_NUM_THREADS", "")}
     if " serve " in command:
@@ -82,6 +89,9 @@ def test_readme_command_runs(command, tmp_path, request):
     if " synth " in command:
         report = json.loads((tmp_path / "run" / "report.json").read_text())
         assert report["kept"]["sft"] > 0 and (tmp_path / "run" / "sft.jsonl").is_file()
+    if " eval " in command:
+        report = json.loads(next(tmp_path.glob("*/report.json")).read_text())
+        assert report["results"] and (next(tmp_path.glob("*/report.html"))).is_file()
     if " generate " in command:
         assert len((tmp_path / "output").read_text().splitlines()) == 10
     if " merge " in command:
