@@ -387,13 +387,20 @@ def publish(
     license: Annotated[str, typer.Option(help="License id for the card metadata.")] = "other",
     private: bool = False,
     push: Annotated[bool, typer.Option(help="Upload with huggingface_hub (token from HF_TOKEN).")] = False,
+    eval_report: Annotated[
+        Path | None, typer.Option(help="An `llmtune eval` report.json: its numbers go into the card (model-index).")
+    ] = None,
+    eval_model: Annotated[
+        str | None, typer.Option(help="This model's name in the eval report (default: found by its path).")
+    ] = None,
 ) -> None:
     """Build a publish folder (safetensors, model card, recipe, provenance); with --push, upload it."""
     from llmtune.publish import build_publish_folder, push_folder
 
     if push and not repo_id:
         raise typer.BadParameter("--push needs --repo-id ORG/NAME")
-    folder = build_publish_folder(source, output or source.with_name(f"{source.name}-publish"), license, repo_id)
+    folder = build_publish_folder(source, output or source.with_name(f"{source.name}-publish"), license, repo_id,
+                                  eval_report, eval_model)
     console.print(f"[green]built[/green] {folder}")
     if push:
         console.print(f"[green]pushed[/green] {push_folder(folder, repo_id, private)}")

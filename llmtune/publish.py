@@ -27,15 +27,19 @@ class PublishError(LlmtuneError, RuntimeError):
     pass
 
 
-def build_publish_folder(source: Path, output: Path, license: str = "other", repo_id: str | None = None) -> Path:
+def build_publish_folder(source: Path, output: Path, license: str = "other", repo_id: str | None = None,
+                         eval_report: Path | None = None, eval_model: str | None = None) -> Path:
+    """`eval_report`: an `llmtune eval` report.json in which this source is one of the models (found by path,
+    or named by `eval_model`); its numbers go into the card's model-index and comparison table."""
     source, output = Path(source).resolve(), Path(output).resolve()
     kind = _kind(source)
     recipe = yaml.safe_load((source / "recipe.yaml").read_text())
     manifest = json.loads((source / "manifest.json").read_text()) if (source / "manifest.json").is_file() else {}
     files = sorted({p for pattern in _COPIED for p in source.glob(pattern) if p.is_file()})
     _refuse_unsafe(source, files)
+    evaluation = _evaluation(eval_report, source, eval_model) if eval_report is not None else None
 
-    card = model_card(kind, recipe, manifest, license, repo_id)
+    card = model_card(kind, recipe, manifest, license, repo_id, evaluation)
     with atomic_folder(output) as staging:
         for path in files:
             shutil.copy2(path, staging / path.name)
@@ -66,8 +70,84 @@ def _refuse_unsafe(source: Path, files: list[Path]) -> None:
             raise PublishError(f"{path}: looks like it contains a secret; refusing to publish")
 
 
+def _evaluation(report_path: Path, source: Path, model: str | None) -> tuple[dict[str, Any], str]:
+    """(report, the name this source has in it)."""
+    try:
+        report = json.loads(Path(report_path).read_text())
+        names = {m["name"]: Path(m["path"]).resolve() for m in report["models"]}
+        missing = [key for key in ("results", "comparisons", "baseline", "tasks") if key not in report]
+        if missing:
+            raise KeyError(", ".join(missing))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PublishError(f"{report_path}: not an llmtune eval report ({type(err).__name__}: {err})") from None
+    if model is None:
+        model = next((name for name, path in names.items() if path == source), None)
+        if model is None:
+            raise PublishError(f"{report_path}: none of its models ({', '.join(names)}) is {source}; "
+                               "name one with --eval-model")
+    elif model not in names:
+        raise PublishError(f"--eval-model {model!r}: the report has {', '.join(names)}")
+    return report, model
+
+
+def _eval_results(report: dict[str, Any], model: str) -> list[Any]:
+    from huggingface_hub import EvalResult
+
+    task_types = {"mcq": "multiple-choice", "generative": "text-generation", "judge": "text-generation"}
+    return [
+        EvalResult(task_type=task_types[task["kind"]], task_name=task["name"], dataset_type="json",
+                   dataset_name=f"{task['name']} ({Path(task['file']).name}, sha256 {task['sha256'][:16]})",
+                   metric_type=metric, metric_name=metric, metric_value=round(value["mean"], 4))
+        for task in report["tasks"]
+        for metric, value in report["results"][task["name"]][model]["metrics"].items()
+    ]
+
+
+def _comparison_table(report: dict[str, Any], model: str) -> str:
+    baseline = report["baseline"]
+    confidence = round(report.get("confidence", 0.95) * 100)
+    lines = [f"`{model}` against `{baseline}` on the same items; {confidence}% bootstrap intervals; p from "
+             "McNemar's exact test (right/wrong metrics) or a paired bootstrap (scores).", "",
+             f"| task | metric | {baseline} | {model} | difference | p |", "|---|---|---|---|---|---|"]
+    for task in report["tasks"]:
+        results = report["results"][task["name"]]
+        compared = {c["metric"]: c for c in report["comparisons"].get(task["name"], {}).get(model, [])}
+        for metric, value in results[model]["metrics"].items():
+            base = results[baseline]["metrics"][metric]
+            c = compared.get(metric)
+            difference = f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" if c else "—"
+            p_value = f"{c['p_value']:.3g}" if c else "—"
+            lines.append(f"| {task['name']} | {metric} | {base['mean']:.3f} [{base['low']:.3f}, {base['high']:.3f}] "
+                         f"| {value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}] | {difference} | "
+                         f"{p_value} |")
+    return "\n".join(lines)
+
+
+def _synth_provenance(sources: list[dict[str, Any]]) -> str:
+    """For training files written by `llmtune synth`: methods, counts and the decontamination summary."""
+    lines = []
+    for source in sources:
+        report_path = Path(source.get("path", "")).parent / "report.json"
+        if not report_path.is_file():
+            continue
+        report = json.loads(report_path.read_text())
+        if "decontamination" not in report:
+            continue
+        kept = report["kept"]
+        eval_sets = ", ".join(Path(e["file"]).name for e in report["decontamination"]["eval_sets"]) or "none"
+        lines.append(
+            f"- `{Path(source['path']).name}` was synthesized by `llmtune synth`: generated "
+            f"{', '.join(f'{m} {n}' for m, n in report['generated'].items())}; kept {kept['sft']} SFT rows and "
+            f"{kept['preferences']} preference pairs; removed by filters: "
+            f"{', '.join(f'{k} {v}' for k, v in report['removed_by_filter'].items()) or 'none'}; "
+            f"decontaminated against {eval_sets} ({report['decontamination']['ngram']}-gram, exact and fuzzy "
+            f"match): {report['decontaminated']} removed."
+        )
+    return "\n".join(lines)
+
+
 def model_card(kind: str, recipe: dict[str, Any], manifest: dict[str, Any], license: str,
-               repo_id: str | None) -> str:
+               repo_id: str | None, evaluation: tuple[dict[str, Any], str] | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     base = recipe["model"]["name_or_path"]
@@ -82,7 +162,10 @@ def model_card(kind: str, recipe: dict[str, Any], manifest: dict[str, Any], lice
         + (["medical", "clinical-qa"] if clinical else []),
         pipeline_tag="text-generation",
         datasets=sorted({Path(s["path"]).name for s in sources if "path" in s}) or None,
+        model_name=(repo_id or "llmtune-model") if evaluation else None,
+        eval_results=_eval_results(*evaluation) if evaluation else None,
     )
+    synthesized = _synth_provenance(sources)
     rows = "\n".join(
         f"| `{Path(s['path']).name}` | {s.get('sha256', 'hub')[:16]} |" for s in sources if "path" in s
     )
@@ -142,10 +225,10 @@ A {'LoRA adapter' if kind == 'adapter' else 'merged model'} for `{base}` trained
 Rows kept for training: {data.get('train', {}).get('rows', 'n/a')};
 held out: {data.get('validation', {}).get('rows', 0)};
 skipped while loading: {sum(v.get('rows_skipped', 0) for v in data.get('loaded', {}).values())}.
-
+{chr(10) + synthesized + chr(10) if synthesized else ''}
 ## Evaluation
 
-No evaluation report was attached to this run.
+{_comparison_table(*evaluation) if evaluation else 'No evaluation report was attached to this run.'}
 """
     ModelCard(content)  # parses the metadata block: fail here, not on the Hub
     return content

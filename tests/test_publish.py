@@ -124,3 +124,82 @@ def test_push_uploads_the_folder_through_huggingface_hub(run, tmp_path):
         assert no_token.returncode == 2 and "set HF_TOKEN" in no_token.stderr
     finally:
         hub.server.should_exit = True
+
+
+def test_card_carries_the_eval_report_numbers(run, tmp_path, tiny_model_dir):
+    from llmtune.eval.recipe import EvalSection
+    from llmtune.eval.run import evaluate
+
+    rows = [{"id": f"q{i}", "category": "c", "question": f"Dose {i}?", "choices": [f"{i} mg.", "none", "ten", "x"],
+             "answer": i % 4} for i in range(12)]
+    data = tmp_path / "mcq.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    section = EvalSection(output_dir=tmp_path / "eval", models=[{"name": "base", "path": str(tiny_model_dir)},
+                                                                  {"name": "tuned", "path": str(run)}],
+                          tasks=[{"name": "doses", "kind": "mcq", "path": data}])
+    report = evaluate(section)
+    result = run_cli("publish", str(run), "-o", str(tmp_path / "pub"), "--repo-id", "org/tiny-clinical",
+                     "--eval-report", str(tmp_path / "eval" / "report.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = ModelCard.load(tmp_path / "pub" / "README.md")
+    [index] = card.data.to_dict()["model-index"]
+    published = {m["name"]: m["value"] for r in index["results"] for m in r["metrics"]}
+    tuned = report["results"]["doses"]["tuned"]["metrics"]
+    assert published == {metric: round(value["mean"], 4) for metric, value in tuned.items()}
+    assert index["results"][0]["task"]["type"] == "multiple-choice"
+    assert "| doses | acc |" in card.text and "McNemar" in card.text
+    compared = report["comparisons"]["doses"]["tuned"][0]
+    assert f"{compared['difference']:+.3f}" in card.text
+    # a report that does not contain this run is refused, naming what it has
+    result = run_cli("publish", str(run), "-o", str(tmp_path / "pub2"), "--eval-report",
+                     str(tmp_path / "eval" / "report.json"), "--eval-model", "nobody")
+    assert result.returncode == 2 and "the report has base, tuned" in result.stderr
+    assert not (tmp_path / "pub2").exists()
+
+
+GREEDY = """
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, base = sys.argv[1], sys.argv[2]
+tokenizer = AutoTokenizer.from_pretrained(folder)
+if base != "-":
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)
+else:
+    model = AutoModelForCausalLM.from_pretrained(folder)
+answers = []
+for prompt in json.loads(sys.argv[3]):
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    answers.append(tokenizer.decode(out, skip_special_tokens=True))
+print(json.dumps(answers))
+"""
+PROMPTS = ["Dose 3?", "Dose 12?", "hello", "What is the usual dose of this medicine for an adult?", "mg"]
+
+
+@pytest.mark.parametrize("kind", ["adapter", "merged"])
+def test_published_folder_loads_in_a_fresh_process_and_generates_what_llmtune_does(run, tmp_path, kind,
+                                                                                    tiny_model_dir):
+    import subprocess
+    import sys
+
+    from llmtune.inference.generation import GenerationRequest, generate
+    from llmtune.inference.loading import load_for_inference
+
+    source = run
+    if kind == "merged":
+        assert run_cli("merge", str(run), "-o", str(tmp_path / "merged")).returncode == 0
+        source = tmp_path / "merged"
+    assert run_cli("publish", str(source), "-o", str(tmp_path / "pub")).returncode == 0
+    base = str(tiny_model_dir) if kind == "adapter" else "-"
+    plain = subprocess.run([sys.executable, "-c", GREEDY, str(tmp_path / "pub"), base, json.dumps(PROMPTS)],
+                           capture_output=True,
+                           text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    loaded = load_for_inference(str(run))
+    ours = [choices[0].text for choices in generate(loaded, [
+        GenerationRequest(adapter=next(iter(loaded.adapters)), messages=[{"role": "user", "content": prompt}],
+                          max_new_tokens=8) for prompt in PROMPTS])]
+    assert json.loads(plain.stdout.strip().splitlines()[-1]) == ours
+    assert any(ours)  # text was generated, not only an end of turn
