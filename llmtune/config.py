@@ -201,6 +201,16 @@ def read_raw_recipe(path: Path, overrides: list[str] | None = None) -> dict[str,
     return raw
 
 
+def load_section(path: str | Path, overrides: list[str] | None, key: str, model: type[SectionT],
+                 example: str) -> SectionT:
+    """One top-level section of a recipe file (`synth:`, `eval:`), validated; errors are named `key.…`."""
+    path = Path(path)
+    raw = read_raw_recipe(path, overrides)
+    if key not in raw:
+        raise RecipeError(f"{path}: no `{key}:` section (see {example})")
+    return validate_section(model, raw[key], path, prefix=f"{key}.")
+
+
 def validate_section(model: type[SectionT], raw: Any, path: Path, prefix: str = "") -> SectionT:
     """Validate `raw` as `model`; errors name the file and each key (under `prefix`, e.g. `synth.`)."""
     try:

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from llmtune.config import BUILTIN_PREFIX, RecipeError, Section, read_raw_recipe, validate_section
+from llmtune.config import BUILTIN_PREFIX, RecipeError, Section, load_section
 from llmtune.synth.recipe import TeacherSection
 
 
@@ -67,17 +67,9 @@ class EvalSection(Section):
         return self.baseline or self.models[0].name
 
 
-class _EvalFile(Section):
-    eval: EvalSection
-
-
 def load_eval_recipe(path: str | Path, overrides: list[str] | None = None) -> EvalSection:
-    path = Path(path)
-    raw = read_raw_recipe(path, overrides)
-    if "eval" not in raw:
-        raise RecipeError(f"{path}: no `eval:` section (see recipes/clinical-qa/eval-tiny.yaml)")
-    section = validate_section(_EvalFile, {"eval": raw["eval"]}, path).eval
-    return resolve_eval_paths(section, path.parent, str(path))
+    section = load_section(path, overrides, "eval", EvalSection, "recipes/clinical-qa/eval-tiny.yaml")
+    return resolve_eval_paths(section, Path(path).parent, str(path))
 
 
 def resolve_eval_paths(section: EvalSection, base: Path, where: str) -> EvalSection:

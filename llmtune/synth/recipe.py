@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from llmtune.config import RecipeError, Section, read_raw_recipe, validate_section
+from llmtune.config import RecipeError, Section, load_section
 
 
 class TeacherSection(Section):
@@ -165,18 +165,10 @@ class SynthSection(Section):
         return self
 
 
-class _SynthFile(Section):
-    synth: SynthSection
-
-
 def load_synth_recipe(path: str | Path, overrides: list[str] | None = None) -> SynthSection:
     """The `synth` section of a recipe, validated, with input paths resolved against the recipe's folder."""
-    path = Path(path)
-    raw = read_raw_recipe(path, overrides)
-    if "synth" not in raw:
-        raise RecipeError(f"{path}: no `synth:` section (see recipes/clinical-qa/synth-tiny.yaml)")
-    section = validate_section(_SynthFile, {"synth": raw["synth"]}, path).synth
-    return _resolve(section, path.parent, path)
+    section = load_section(path, overrides, "synth", SynthSection, "recipes/clinical-qa/synth-tiny.yaml")
+    return _resolve(section, Path(path).parent, Path(path))
 
 
 def _resolve(section: SynthSection, base: Path, path: Path) -> SynthSection:
