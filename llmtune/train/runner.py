@@ -12,7 +12,7 @@ from typing import Any
 from transformers import Trainer, set_seed
 
 from llmtune.config import Recipe
-from llmtune.distributed import finish, process_state
+from llmtune.distributed import finish, process_state, release_wrapped_model
 from llmtune.models import ModelSource, resolve_source
 from llmtune.train.guards import DivergenceGuard, PreemptionGuard, ThroughputMeter
 from llmtune.train.outputs import RunStats, build_manifest, check_output_dir, write_run_outputs
@@ -98,6 +98,7 @@ def run(
             preemption.stopped_at,
             output_dir,
         )
+        release_wrapped_model(trainer)
         finish(state)
         return None
 
@@ -123,6 +124,7 @@ def run(
             manifest["train"]["tokens_per_second"] or 0,
             manifest["memory"]["peak_rss_mb"],
         )
+    release_wrapped_model(trainer)
     finish(state)
     return output_dir
 
