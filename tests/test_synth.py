@@ -485,7 +485,7 @@ def test_tiny_local_teacher_every_item_accepted_or_rejected_with_reason(tmp_path
         assert record["usage"]["requests"] >= 1
     sft = read_jsonl(out / "sft.jsonl")
     assert all(r["messages"][0] == {"role": "system", "content": "You are careful."} for r in sft)
-    pairs = read_jsonl(out / "preferences.jsonl") if (out / "preferences.jsonl").exists() else []
+    pairs = read_jsonl(out / "preferences.jsonl")  # written even when no pair survived
     rejects = read_jsonl(out / "rejects.jsonl")
     assert len(sft) + len(pairs) + len(rejects) == sum(report["generated"].values()) == 8 + 25
     assert report["tokens"]["completion_tokens"] > 0

@@ -75,7 +75,7 @@ def synthesize(section: SynthSection, overwrite: bool = False, progress: Any = N
         journal.close()
     wall = time.perf_counter() - started
     report = _report(section, outcome, wall, len(journal.records) - resumed, fingerprint)
-    _write_outputs(out, outcome, report)
+    _write_outputs(out, outcome, report, any(m.kind == "preferences" for m in section.methods))
     return report
 
 
@@ -238,7 +238,7 @@ def _reason_kind(reason: str) -> str:
     return reason.split(" (")[0].split(": ")[0].strip()
 
 
-def _write_outputs(out: Path, outcome: Outcome, report: dict[str, Any]) -> None:
+def _write_outputs(out: Path, outcome: Outcome, report: dict[str, Any], with_pairs: bool) -> None:
     def jsonl(records: list[Record]) -> str:
         return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
@@ -248,7 +248,7 @@ def _write_outputs(out: Path, outcome: Outcome, report: dict[str, Any]) -> None:
               "rejected": r["rejected"], "scores": r["scores"], "provenance": r["provenance"]}
              for r in outcome.preferences]
     write_atomic(out / "sft.jsonl", jsonl(sft))
-    if pairs or (out / "preferences.jsonl").exists():
+    if with_pairs or (out / "preferences.jsonl").exists():  # present, even empty, when the recipe asks for pairs
         write_atomic(out / "preferences.jsonl", jsonl(pairs))
     write_atomic(out / "rejects.jsonl", jsonl(outcome.rejects))
     write_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
