@@ -192,25 +192,27 @@ def test_bad_eval_input_names_file_and_row(tmp_path):
 
 def test_exported_task_scores_the_same_under_lm_eval(tmp_path, tiny_model_dir, adapter_run):
     """lm-eval itself, on our exported task, gives the same per-item log-likelihoods and right/wrong as
-    `llmtune eval`, for the base (pretrained=) and a trained run (peft=), plain and chat formats."""
+    `llmtune eval`, for the base (pretrained=) and a trained run (peft=), plain and chat prompts, options scored
+    as text (cloze) or as letters after a listed A-D (MMLU's format)."""
     pytest.importorskip("lm_eval")
     from llmtune.eval.harness import export_tasks, harness_task_name, run_harness
 
     rng = random.Random(7)
     rows = [{**row, "answer": rng.randrange(4)} for row in mcq_rows(16, seed=3)]  # right answers vary
     data = write_jsonl(tmp_path / "varied.jsonl", rows)
-    for style in ("plain", "chat"):
-        section = EvalSection(output_dir=tmp_path / style,
+    for style, choices_format in (("plain", "cloze"), ("chat", "cloze"), ("plain", "letters"), ("chat", "letters")):
+        section = EvalSection(output_dir=tmp_path / f"{style}-{choices_format}",
                               models=[{"name": "base", "path": str(tiny_model_dir)},
                                       {"name": "tuned", "path": str(adapter_run)}],
-                              tasks=[{"name": f"varied-{style}", "kind": "mcq", "path": data, "prompt": style}])
+                              tasks=[{"name": f"varied-{style}-{choices_format}", "kind": "mcq", "path": data,
+                                      "prompt": style, "choices_format": choices_format}])
         report = evaluate(section)
         task = section.tasks[0]
         export_tasks([task], tmp_path / "export")
         harness = run_harness(section, [harness_task_name(task)], include_path=tmp_path / "export",
                               log_samples=True, apply_chat_template=style == "chat")
         for model in ("base", "tuned"):
-            ours = [json.loads(x) for x in (tmp_path / style / "items" / task.name / f"{model}.jsonl")
+            ours = [json.loads(x) for x in (section.output_dir / "items" / task.name / f"{model}.jsonl")
                     .read_text().splitlines()]
             theirs = {str(s["doc"]["id"]): s for s in harness[model]["samples"][harness_task_name(task)]}
             assert len(theirs) == len(ours) == 16

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from llmtune.errors import LlmtuneError
+from llmtune.eval.items import LETTERS
 from llmtune.eval.recipe import EvalModel, EvalSection, EvalTask
 
 
@@ -45,10 +46,13 @@ def export_tasks(tasks: list[EvalTask], out: Path) -> list[Path]:
             "test_split": "test",
         }
         if task.kind == "mcq":
+            question = "{{question}}"
+            if task.choices_format == "letters":  # as llmtune.eval.mcq.letters_question
+                question += "".join(f"\n{LETTERS[i]}. {{{{choices[{i}]}}}}" for i in range(_choice_count(task)))
             spec.update(
                 output_type="multiple_choice",
-                doc_to_text="{{question}}" if task.prompt == "chat" else "Question: {{question}}\nAnswer:",
-                doc_to_choice="choices",
+                doc_to_text=question if task.prompt == "chat" else f"Question: {question}\nAnswer:",
+                doc_to_choice=list(LETTERS[: _choice_count(task)]) if task.choices_format == "letters" else "choices",
                 doc_to_target="answer",
                 metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True}
                              for m in ("acc", "acc_norm")],
@@ -68,6 +72,16 @@ def export_tasks(tasks: list[EvalTask], out: Path) -> list[Path]:
         path.write_text(f"# Exported by llmtune from {task.path}\n" + yaml.safe_dump(spec, sort_keys=False))
         written.append(path)
     return written
+
+
+def _choice_count(task: EvalTask) -> int:
+    from llmtune.eval.items import read_mcq
+
+    counts = {len(item.choices) for item in read_mcq(task.path)}
+    if len(counts) != 1:
+        raise HarnessError(f"{task.path}: the letters format exports only when every item has the same number "
+                           f"of choices (found {sorted(counts)})")
+    return counts.pop()
 
 
 def model_args(model: EvalModel) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from llmtune.eval.items import McqItem
+from llmtune.eval.items import LETTERS, McqItem
 from llmtune.inference.loading import Loaded
 
 
@@ -26,20 +26,31 @@ class Option:
     chars: int  # length of the option's text, for acc_norm (as lm-eval)
 
 
-def build_options(loaded: Loaded, item: McqItem, style: str, system_prompt: str | None) -> list[Option]:
+def build_options(loaded: Loaded, item: McqItem, style: str, system_prompt: str | None,
+                  choices_format: str = "cloze") -> list[Option]:
     """Context and continuation tokens of each option, split exactly as lm-eval splits them (so an exported
     task scores the same): trailing whitespace of the context moves into the continuation, the pair is
     encoded whole and the context's tokens cut off the front."""
+    question, answers = item.question, list(item.choices)
+    if choices_format == "letters":
+        question = letters_question(item)
+        answers = list(LETTERS[: len(item.choices)])
     if style == "chat":
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": item.question})
+        messages.append({"role": "user", "content": question})
         context = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        continuations = list(item.choices)
+        continuations = answers
     else:
-        context = (f"{system_prompt}\n\n" if system_prompt else "") + f"Question: {item.question}\nAnswer:"
-        continuations = [f" {choice}" for choice in item.choices]
-    return [Option(*_encode_pair(loaded.tokenizer, context, text), len(choice))
-            for text, choice in zip(continuations, item.choices, strict=True)]
+        context = (f"{system_prompt}\n\n" if system_prompt else "") + f"Question: {question}\nAnswer:"
+        continuations = [f" {answer}" for answer in answers]
+    return [Option(*_encode_pair(loaded.tokenizer, context, text), len(answer))
+            for text, answer in zip(continuations, answers, strict=True)]
+
+
+def letters_question(item: McqItem) -> str:
+    """MMLU's layout: the question, then each option on its own line as `A. text`."""
+    listed = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(item.choices))
+    return f"{item.question}\n{listed}"
 
 
 def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -81,11 +92,12 @@ def option_logprobs(loaded: Loaded, options: list[Option], rows_per_pass: int) -
 
 
 def score_mcq(loaded: Loaded, items: list[McqItem], style: str, system_prompt: str | None, batch_size: int,
-              advance: Callable[[int], None] = lambda n: None) -> list[dict[str, Any]]:
+              advance: Callable[[int], None] = lambda n: None, choices_format: str = "cloze"
+              ) -> list[dict[str, Any]]:
     results = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        per_item = [build_options(loaded, item, style, system_prompt) for item in chunk]
+        per_item = [build_options(loaded, item, style, system_prompt, choices_format) for item in chunk]
         flat = option_logprobs(loaded, [o for options in per_item for o in options], sum(map(len, per_item)))
         offset = 0
         for item, options in zip(chunk, per_item, strict=True):

@@ -30,6 +30,9 @@ class EvalTask(Section):
     # judge rows {question|prompt|messages, answer (optional reference), expected (optional, for the rubric)}
     path: Path
     prompt: Literal["chat", "plain"] = "chat"  # the model's chat template, or "Question: ...\nAnswer:"
+    # mcq: `cloze` scores each option's text as the answer; `letters` lists the options as A-D in the prompt and
+    # scores the letter (MMLU's format)
+    choices_format: Literal["cloze", "letters"] = "cloze"
     system_prompt: str | None = None
     max_items: int | None = Field(None, gt=0)
     max_new_tokens: int = Field(64, gt=0)  # generative, judge

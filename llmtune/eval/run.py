@@ -133,7 +133,8 @@ def _score(loaded, section: EvalSection, task: EvalTask, items: list[Any],
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         if task.kind == "mcq":
-            yield from score_mcq(loaded, chunk, task.prompt, task.system_prompt, batch_size, advance)
+            yield from score_mcq(loaded, chunk, task.prompt, task.system_prompt, batch_size, advance,
+                                 task.choices_format)
         else:
             yield from score_generative(loaded, adapter, chunk, task.system_prompt, task.max_new_tokens,
                                         batch_size, advance)
