@@ -3,6 +3,7 @@ normalisation: case, punctuation, articles) and ROUGE-L F1 (rouge-score); with s
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections import Counter
@@ -37,9 +38,14 @@ def token_f1(prediction: str, reference: str) -> float:
 
 
 def rouge_l(prediction: str, reference: str) -> float:
+    return rouge_l_scorer().score(reference, prediction)["rougeL"].fmeasure
+
+
+@functools.cache
+def rouge_l_scorer():
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
+    return rouge_scorer.RougeScorer(["rougeL"])
 
 
 def generate_answers(loaded: Loaded, adapter: str, items: list[GenerativeItem], system_prompt: str | None,

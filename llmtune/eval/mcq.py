@@ -29,8 +29,7 @@ class Option:
 def build_options(loaded: Loaded, item: McqItem, style: str, system_prompt: str | None,
                   choices_format: str = "cloze") -> list[Option]:
     """Context and continuation tokens of each option, split exactly as lm-eval splits them (so an exported
-    task scores the same): trailing whitespace of the context moves into the continuation, the pair is
-    encoded whole and the context's tokens cut off the front."""
+    task scores the same)."""
     question, answers = item.question, list(item.choices)
     if choices_format == "letters":
         question = letters_question(item)
@@ -43,7 +42,13 @@ def build_options(loaded: Loaded, item: McqItem, style: str, system_prompt: str 
     else:
         context = (f"{system_prompt}\n\n" if system_prompt else "") + f"Question: {question}\nAnswer:"
         continuations = [f" {answer}" for answer in answers]
-    return [Option(*_encode_pair(loaded.tokenizer, context, text), len(answer))
+    # lm-eval's split: trailing whitespace of the context moves into the continuation; the pair is encoded
+    # whole and the context's own tokens are cut off the front.
+    tokenizer = loaded.tokenizer
+    spaces = len(context) - len(context.rstrip())
+    context, moved = (context[:-spaces], context[-spaces:]) if spaces else (context, "")
+    context_ids = _encode(tokenizer, context)  # once per item, not per option
+    return [Option(context_ids, _encode(tokenizer, context + moved + text)[len(context_ids) :], len(answer))
             for text, answer in zip(continuations, answers, strict=True)]
 
 
@@ -51,14 +56,6 @@ def letters_question(item: McqItem) -> str:
     """MMLU's layout: the question, then each option on its own line as `A. text`."""
     listed = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(item.choices))
     return f"{item.question}\n{listed}"
-
-
-def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    context_ids = _encode(tokenizer, context)
-    return context_ids, _encode(tokenizer, context + continuation)[len(context_ids) :]
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -38,11 +38,15 @@ def evaluate(section: EvalSection, progress: Any = None, harness_tasks: list[str
 
     items = {task.name: _read_items(task) for task in section.tasks}
     results: dict[str, dict[str, list[dict[str, Any]]]] = {task.name: {} for task in section.tasks}
+    task_prints = {task.name: task_fingerprint(task) for task in section.tasks}
     for model in section.models:
-        pending = [t for t in section.tasks if not _complete(section, model, t, len(items[t.name]))]
+        weights = model_fingerprint(model)  # hashes the weight files: once per model
+        expected = {t.name: {"model": weights, "task": task_prints[t.name]} for t in section.tasks}
+        pending = [t for t in section.tasks if not _complete(section, model, t, len(items[t.name]), expected[t.name])]
         loaded = _load(model) if pending else None
         for task in section.tasks:
-            results[task.name][model.name] = _task_results(section, model, task, items[task.name], loaded, progress)
+            results[task.name][model.name] = _task_results(section, model, task, items[task.name], loaded, progress,
+                                                           expected[task.name])
         del loaded
         gc.collect()
     harness = None
@@ -88,18 +92,16 @@ def _paths(section: EvalSection, model: EvalModel, task: EvalTask) -> tuple[Path
     return folder / f"{model.name}.jsonl", folder / f"{model.name}.json"
 
 
-def _complete(section: EvalSection, model: EvalModel, task: EvalTask, total: int) -> bool:
+def _complete(section: EvalSection, model: EvalModel, task: EvalTask, total: int, expected: dict[str, str]) -> bool:
     journal, meta = _paths(section, model, task)
     if not (journal.is_file() and meta.is_file()):
         return False
-    expected = {"model": model_fingerprint(model), "task": task_fingerprint(task)}
     return json.loads(meta.read_text()) == expected and len(journal.read_text().splitlines()) >= total
 
 
 def _task_results(section: EvalSection, model: EvalModel, task: EvalTask, items: list[Any], loaded,
-                  progress: Any) -> list[dict[str, Any]]:
+                  progress: Any, expected: dict[str, str]) -> list[dict[str, Any]]:
     journal_path, meta_path = _paths(section, model, task)
-    expected = {"model": model_fingerprint(model), "task": task_fingerprint(task)}
     if meta_path.is_file() and json.loads(meta_path.read_text()) != expected:
         log.info("%s / %s: model or task changed since the saved results; evaluating again", task.name, model.name)
         journal_path.unlink(missing_ok=True)

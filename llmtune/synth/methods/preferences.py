@@ -99,6 +99,6 @@ async def _score(call: Call, index: int, answer: str, question: str, reference: 
 
 
 def reference_agreement(answer: str, reference: str) -> float:
-    from rouge_score import rouge_scorer
+    from llmtune.eval.generative import rouge_l
 
-    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, answer)["rougeL"].fmeasure
+    return rouge_l(answer, reference)
