@@ -65,38 +65,48 @@ class Decontamination:
     matches: list[dict[str, Any]]
 
 
+class EvalIndex:
+    """The eval sets read and indexed once per run; `check` then serves SFT items and preference pairs alike."""
+
+    def __init__(self, section: DecontaminationSection) -> None:
+        self.section = section
+        items = [item for path in section.eval_sets for item in read_eval_items(path)]
+        self.grams: dict[tuple[str, ...], EvalItem] = {}
+        for item in items:
+            tokens = words(item.text)
+            for i in range(len(tokens) - section.ngram + 1):
+                self.grams.setdefault(tuple(tokens[i : i + section.ngram]), item)
+        # Whole prompts equal to an eval text at any length; eval texts inside longer items from 8 words up,
+        # where a shared phrase is no longer a coincidence ("which drug is this").
+        self.whole = {normalized(item.text): item for item in items}
+        self.exact = [(f" {normalized(item.text)} ", item) for item in items if len(words(item.text)) >= 8]
+        fuzzy = [(content_words(item.text), item) for item in items]
+        self.fuzzy = [(cw, item) for cw, item in fuzzy if len(cw) >= section.fuzzy_min_words]
+
+    def check(self, records: list[Record]) -> Decontamination:
+        from rouge_score import rouge_scorer
+
+        section = self.section
+        kept, removed, matches = [], [], []
+        for record in records:
+            text = record_text(record)
+            match = _exact(normalized(prompt_text(record)), self.whole, f" {normalized(text)} ", self.exact)
+            match = match or _ngram(words(text), self.grams, section.ngram)
+            if match is None and section.fuzzy_threshold is not None:
+                match = _fuzzy(content_words(text), self.fuzzy, section.fuzzy_threshold, rouge_scorer._score_lcs)
+            if match is None:
+                kept.append(record)
+                continue
+            kind, item, detail = match
+            matches.append({"id": record["id"], "method": record["method"], "eval_set": item.eval_set,
+                            "eval_id": item.id, "match": kind, "detail": detail})
+            removed.append(as_rejected(record, "decontamination",
+                                       f"{kind} match with {item.eval_set}:{item.id} ({detail})"))
+        return Decontamination(kept, removed, matches)
+
+
 def decontaminate(records: list[Record], section: DecontaminationSection) -> Decontamination:
-    from rouge_score import rouge_scorer
-
-    items = [item for path in section.eval_sets for item in read_eval_items(path)]
-    grams: dict[tuple[str, ...], EvalItem] = {}
-    for item in items:
-        tokens = words(item.text)
-        for i in range(len(tokens) - section.ngram + 1):
-            grams.setdefault(tuple(tokens[i : i + section.ngram]), item)
-    # Whole prompts equal to an eval text at any length; eval texts inside longer items from 8 words up, where
-    # a shared phrase is no longer a coincidence ("which drug is this").
-    whole = {normalized(item.text): item for item in items}
-    exact = [(f" {normalized(item.text)} ", item) for item in items if len(words(item.text)) >= 8]
-    fuzzy = [(content_words(item.text), item) for item in items]
-    fuzzy = [(cw, item) for cw, item in fuzzy if len(cw) >= section.fuzzy_min_words]
-
-    kept, removed, matches = [], [], []
-    for record in records:
-        text = record_text(record)
-        match = _exact(normalized(prompt_text(record)), whole, f" {normalized(text)} ", exact)
-        match = match or _ngram(words(text), grams, section.ngram)
-        if match is None and section.fuzzy_threshold is not None:
-            match = _fuzzy(content_words(text), fuzzy, section.fuzzy_threshold, rouge_scorer._score_lcs)
-        if match is None:
-            kept.append(record)
-            continue
-        kind, item, detail = match
-        matches.append({"id": record["id"], "method": record["method"], "eval_set": item.eval_set,
-                        "eval_id": item.id, "match": kind, "detail": detail})
-        removed.append(as_rejected(record, "decontamination",
-                                   f"{kind} match with {item.eval_set}:{item.id} ({detail})"))
-    return Decontamination(kept, removed, matches)
+    return EvalIndex(section).check(records)
 
 
 def _exact(prompt: str, whole: dict[str, EvalItem], text: str, exact: list[tuple[str, EvalItem]]):

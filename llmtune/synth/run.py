@@ -29,7 +29,7 @@ from llmtune.errors import LlmtuneError
 from llmtune.hashing import file_sha256
 from llmtune.journal import Journal
 from llmtune.synth.context import Context
-from llmtune.synth.decontam import decontaminate
+from llmtune.synth.decontam import EvalIndex
 from llmtune.synth.filters import apply_filters
 from llmtune.synth.methods.doc_qa import doc_qa
 from llmtune.synth.methods.evol import evol
@@ -91,6 +91,7 @@ async def _run(section: SynthSection, journal: Journal, progress: Any) -> Outcom
     context = Context(section.seed, journal, None, on_start=getattr(progress, "start", None),
                       advance=getattr(progress, "advance", lambda n: None))
     outcome = Outcome()
+    eval_index = EvalIndex(section.decontaminate)  # read once, checked for SFT items and for pairs
     seeds: list[tuple[str, str]] = []
     try:
         for method in section.methods:
@@ -104,7 +105,7 @@ async def _run(section: SynthSection, journal: Journal, progress: Any) -> Outcom
                 outcome.generated += await evol(method, context, teacher, outcome.generated, seeds)
             elif method.kind == "doc_qa":
                 outcome.generated += await doc_qa(method, context, teacher_for(section.teacher))
-        _finish_sft(section, outcome, seeds)
+        _finish_sft(section, outcome, seeds, eval_index)
         for method in section.methods:
             if method.kind != "preferences":
                 continue
@@ -114,29 +115,30 @@ async def _run(section: SynthSection, journal: Journal, progress: Any) -> Outcom
             judge = teacher_for(section.teacher) if method.judge == "rubric" else None
             pairs = await preference_pairs(method, context, policy, judge, sources)
             outcome.generated += pairs
-            _finish_preferences(section, outcome, pairs)
+            _finish_preferences(outcome, pairs, eval_index)
     finally:
         for teacher in teachers.values():
             await teacher.close()
     return outcome
 
 
-def _finish_sft(section: SynthSection, outcome: Outcome, seeds: list[tuple[str, str]]) -> None:
+def _finish_sft(section: SynthSection, outcome: Outcome, seeds: list[tuple[str, str]], eval_index: EvalIndex
+                ) -> None:
     candidates = [r for r in outcome.generated if r["status"] == "ok"]
     outcome.rejects += [r for r in outcome.generated if r["status"] != "ok"]
     filtered = apply_filters(candidates, section.filters, [text for _, text in seeds])
     outcome.filter_counts.update(filtered.counts)
     outcome.rejects += filtered.removed
-    clean = decontaminate(filtered.kept, section.decontaminate)
+    clean = eval_index.check(filtered.kept)
     outcome.rejects += clean.removed
     outcome.matches += clean.matches
     system = [{"role": "system", "content": section.system_prompt}] if section.system_prompt else []
     outcome.sft = [{**r, "messages": [*system, *r["messages"]]} for r in clean.kept]
 
 
-def _finish_preferences(section: SynthSection, outcome: Outcome, pairs: list[Record]) -> None:
+def _finish_preferences(outcome: Outcome, pairs: list[Record], eval_index: EvalIndex) -> None:
     outcome.rejects += [r for r in pairs if r["status"] != "ok"]
-    clean = decontaminate([r for r in pairs if r["status"] == "ok"], section.decontaminate)
+    clean = eval_index.check([r for r in pairs if r["status"] == "ok"])
     outcome.rejects += clean.removed
     outcome.matches += clean.matches
     outcome.preferences += clean.kept
