@@ -111,6 +111,53 @@ def train(
 
 
 @app.command()
+def run(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Rerun this stage and every later one.")] = None,
+    only: Annotated[str | None, typer.Option(help="Rerun just this stage (the ones before it must have run).")] = None,
+    force: Annotated[bool, typer.Option(help="Rerun every stage, changed or not.")] = False,
+    push: Annotated[bool, typer.Option(help="The publish stage uploads to publish.repo_id (token from HF_TOKEN).")]
+    = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Check everything that needs no network or accelerator (schema, paths, accelerate "
+                                "config, memory estimate) and stop.")
+    ] = False,
+) -> None:
+    """Run a pipeline recipe: synth -> sft -> prefs -> dpo -> eval -> merge -> publish, each stage the same
+    code as its own command. Unchanged stages are skipped; a killed run continues where it stopped."""
+    from llmtune.pipeline.recipe import STAGES, load_pipeline
+
+    for name in filter(None, (from_, only)):
+        if name not in STAGES:
+            raise typer.BadParameter(f"{name!r}: stages are {', '.join(STAGES)}")
+    if from_ and only:
+        raise typer.BadParameter("give --from or --only, not both")
+    pipeline = load_pipeline(recipe, set_)  # every stage validated before any runs
+    if dry_run:
+        from llmtune.pipeline.dryrun import dry_run as check
+
+        for line in check(pipeline):
+            console.print(line, highlight=False, soft_wrap=True)
+        console.print(f"[green]ok[/green] {recipe}: {' -> '.join(pipeline.stages)}")
+        return
+    _setup_logging()
+    from llmtune.pipeline.display import delta_lines, stage_table
+    from llmtune.pipeline.run import Selection, run_pipeline
+    from llmtune.progress import WorkProgress
+
+    def show(outcomes, running) -> None:
+        err_console.print(stage_table(pipeline.stages, outcomes, running))
+
+    with WorkProgress(err_console) as progress:
+        outcomes = run_pipeline(pipeline, Selection(from_, only, force), push, progress, show)
+    console.print(stage_table(pipeline.stages, outcomes, None))
+    for line in delta_lines(outcomes):
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"[green]done[/green] {pipeline.output_dir}")
+
+
+@app.command()
 def synth(
     recipe: RecipeArg,
     set_: SetOpt = None,

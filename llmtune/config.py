@@ -180,9 +180,13 @@ class Recipe(Section):
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override (`a.b=c`), validate and resolve a recipe; raise RecipeError naming file and key."""
     path = Path(path)
-    raw = read_raw_recipe(path, overrides)
+    return recipe_from_mapping(read_raw_recipe(path, overrides), path)
+
+
+def recipe_from_mapping(raw: dict[str, Any], path: Path, prefix: str = "") -> Recipe:
+    """A train recipe from its mapping, as if read from `path` (relative paths, errors named `prefix…`)."""
     _inherit_from_run(raw, path)
-    return _resolve_paths(validate_section(Recipe, raw, path), path.parent)
+    return _resolve_paths(validate_section(Recipe, raw, path, prefix), path.parent)
 
 
 def read_raw_recipe(path: Path, overrides: list[str] | None = None) -> dict[str, Any]:

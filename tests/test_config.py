@@ -18,6 +18,8 @@ def shipped_kind(path: Path) -> str:
     raw = yaml.safe_load(path.read_text())
     if "accelerate" in path.parts:
         return "accelerate"
+    if "pipeline" in raw:
+        return "pipeline"
     if "synth" in raw:
         return "synth"
     if "eval" in raw:
@@ -171,3 +173,32 @@ def test_every_shipped_eval_recipe_validates_and_names_its_command(path, finishe
     assert all(Path(t.path).is_file() for t in section.tasks)
     header = path.read_text().splitlines()[:4]
     assert any(f"llmtune eval {path.relative_to(REPO)}" in line for line in header), path
+
+
+PIPELINE_RECIPES = [p for p in SHIPPED if shipped_kind(p) == "pipeline"]
+
+
+@pytest.mark.parametrize("path", PIPELINE_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_pipeline_passes_the_offline_dry_run(path):
+    """Schema, paths, accelerate config and a memory estimate that fits, with no network and no GPU."""
+    from llmtune.pipeline.dryrun import dry_run
+    from llmtune.pipeline.recipe import load_pipeline
+
+    recipe = load_pipeline(path)
+    lines = dry_run(recipe)
+    header = path.read_text().splitlines()[:8]
+    assert any(f"llmtune run {path.relative_to(REPO)}" in line for line in header), path
+    if recipe.pipeline.gpu_memory_gb is not None:  # the GPU recipes: every training stage estimated, and fits
+        estimated = [line for line in lines if "GB per process" in line]
+        assert len(estimated) == len(recipe.trained()) and all("fits" in line for line in estimated), lines
+    if recipe.accelerate_config is not None:
+        assert any("accelerate launch --config_file" in line for line in lines)
+
+
+def test_dry_run_refuses_a_recipe_that_cannot_fit():
+    from llmtune.pipeline.dryrun import dry_run
+    from llmtune.pipeline.recipe import load_pipeline
+
+    path = REPO / "recipes" / "clinical-qa" / "gpu" / "llama3.1-8b-qlora.yaml"
+    with pytest.raises(RecipeError, match=r"sft: estimated \d+\.\d GB per process does not fit"):
+        dry_run(load_pipeline(path, ["sft.quantization=null", "sft.train.gradient_checkpointing=false"]))

@@ -125,7 +125,7 @@ def test_fact_templates_are_deterministic_per_seed(tmp_path):
         prov = row["provenance"]
         assert len(prov["choices"]) == 4 and len(set(prov["choices"])) == 4
         answer = row["messages"][-1]["content"]
-        assert answer.startswith(f"{prov['answer']}) ")
+        assert answer.startswith(f"{prov['answer']}. ")
         drug = row["id"].split(":")[2]
         assert prov["choices"]["ABCD".index(prov["answer"])] in answer
         assert drug in row["messages"][0]["content"]
@@ -133,6 +133,23 @@ def test_fact_templates_are_deterministic_per_seed(tmp_path):
     qa = {r["id"]: r["messages"][0]["content"] for r in rows}
     assert qa["fact_templates:drugs:metformin:drug_class:qa0"] != qa["fact_templates:drugs:metformin:drug_class:qa1"]
     assert all(r["provenance"]["table_sha256"] and r["provenance"]["fact"] for r in rows)
+
+
+def test_fact_templates_reverse_questions_ask_for_the_entity(tmp_path):
+    recipe = write_recipe(tmp_path, [{**FACTS, "reverse_per_fact": 2}], filters={"min_response_words": 1})
+    templates = yaml.safe_load((tmp_path / "domain" / "templates.yaml").read_text())
+    templates["attributes"]["indication"]["reverse"] = {
+        "questions": ["Which drug treats {{ indication }}?", "Name a medicine for {{ indication }}."],
+        "answers": ["{{ drug }}"]}
+    (tmp_path / "domain" / "templates.yaml").write_text(yaml.safe_dump(templates))
+    report = synthesize(load_synth_recipe(recipe))
+    rows = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "sft.jsonl")}
+    assert report["generated"] == {"fact_templates": 25 + 5 * 2}  # drug_class has no reverse phrasings
+    reverse = [rows[f"fact_templates:drugs:lisinopril:indication:rev{k}"] for k in range(2)]
+    assert {r["messages"][0]["content"] for r in reverse} == {"Which drug treats hypertension?",
+                                                              "Name a medicine for hypertension."}
+    assert all(r["messages"][1]["content"] == "lisinopril" for r in reverse)
+    assert all(r["provenance"]["direction"] == "reverse" for r in reverse)
 
 
 def test_fact_table_missing_column_is_one_clear_error(tmp_path):

@@ -48,6 +48,7 @@ class FactTemplatesMethod(Section):
     templates: Path  # YAML: entity column, per attribute question/answer/mcq phrasings (Jinja)
     questions_per_fact: int = Field(2, ge=0)
     multiple_choice_per_fact: int = Field(1, ge=0)
+    reverse_per_fact: int = Field(1, ge=0)  # items asking for the entity, where the templates have `reverse:`
     choices: int = Field(4, ge=2, le=8)
 
 
@@ -104,6 +105,8 @@ class PreferencesMethod(Section):
     judge: Literal["reference", "rubric"] = "reference"
     judge_prompt: str = "judge_rubric"
     min_margin: float = Field(0.1, ge=0)  # chosen must beat rejected by this much (scores are 0..1)
+    # best_sample: the best of the k samples is chosen; reference: the prompt's reference answer is (SPIN).
+    chosen: Literal["best_sample", "reference"] = "best_sample"
 
 
 Method = Annotated[
@@ -168,10 +171,11 @@ class SynthSection(Section):
 def load_synth_recipe(path: str | Path, overrides: list[str] | None = None) -> SynthSection:
     """The `synth` section of a recipe, validated, with input paths resolved against the recipe's folder."""
     section = load_section(path, overrides, "synth", SynthSection, "recipes/clinical-qa/synth-tiny.yaml")
-    return _resolve(section, Path(path).parent, Path(path))
+    return resolve_synth_paths(section, Path(path).parent, Path(path))
 
 
-def _resolve(section: SynthSection, base: Path, path: Path) -> SynthSection:
+def resolve_synth_paths(section: SynthSection, base: Path, path: Path) -> SynthSection:
+    """Input paths resolved against the recipe's folder (each checked); output_dir against the working directory."""
     problems: list[str] = []
 
     def local(value: Path, key: str) -> Path:

@@ -185,6 +185,12 @@ def _content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def recorded_fingerprint(out: Path) -> str | None:
+    """The generation fingerprint the journal in `out` was made under (None: no journal yet)."""
+    state = out / STATE
+    return json.loads(state.read_text()).get("fingerprint") if state.is_file() else None
+
+
 def _claim(out: Path, fingerprint: str, overwrite: bool) -> None:
     """Refuse to mix items made under different settings in one journal."""
     state = out / STATE

@@ -10,6 +10,12 @@ a multiple-choice stem, all Jinja over the row's columns:
         questions: ["What class of medicine is {{ drug }}?", ...]
         answers: ["{{ drug | sentence }} is a {{ drug_class }}.", ...]
         multiple_choice: "Which class of medicine does {{ drug }} belong to?"
+        reverse:   # optional: questions whose answer is the entity (the other direction of the fact)
+          questions: ["Name a {{ drug_class }}.", ...]
+          answers: ["{{ drug | sentence }} is a {{ drug_class }}.", ...]
+
+A model trained on one direction of a fact ("metformin is a biguanide") does not learn the other ("which drug is
+a biguanide?") — the reversal curse (Berglund et al., 2023) — so tables should carry both.
 """
 
 from __future__ import annotations
@@ -32,11 +38,15 @@ from llmtune.synth.records import Record, accepted, rejected
 LETTERS = "ABCDEFGH"
 
 
-class _Attribute(BaseModel):
+class _Phrasings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     questions: list[str] = Field(min_length=1)
     answers: list[str] = Field(min_length=1)
+
+
+class _Attribute(_Phrasings):
     multiple_choice: str | None = None
+    reverse: _Phrasings | None = None
 
 
 class _Templates(BaseModel):
@@ -58,19 +68,17 @@ def fact_items(method: FactTemplatesMethod, run_seed: int) -> list[Record]:
                 continue  # this entity has no value for the attribute
             base_id = f"fact_templates:{method.table.stem}:{row_id}:{attribute}"
             rng = random.Random(f"{run_seed}/{base_id}")
-            questions = rng.sample(phrasing.questions, len(phrasing.questions))
             where = f"{method.templates}: attributes.{attribute}"
-            for k in range(method.questions_per_fact):
-                item_id = f"{base_id}:qa{k}"
-                question = render_string(questions[k % len(questions)], where, **row)
-                answer = render_string(rng.choice(phrasing.answers), where, **row)
-                provenance = {"method": "fact_templates", "fact": f"{row_id}.{attribute}", **provenance_base}
-                records.append(accepted(item_id, "fact_templates", provenance, messages=_turns(question, answer)))
+            provenance = {"method": "fact_templates", "fact": f"{row_id}.{attribute}", **provenance_base}
+            records += _question_answers(f"{base_id}:qa", phrasing, method.questions_per_fact, rng, where, row,
+                                         provenance)
+            if phrasing.reverse:
+                records += _question_answers(f"{base_id}:rev", phrasing.reverse, method.reverse_per_fact, rng,
+                                             f"{where}.reverse", row, {**provenance, "direction": "reverse"})
             if phrasing.multiple_choice:
                 others = _distinct_values(rows, attribute, exclude=str(row[attribute]))
                 for k in range(method.multiple_choice_per_fact):
                     item_id = f"{base_id}:mcq{k}"
-                    provenance = {"method": "fact_templates", "fact": f"{row_id}.{attribute}", **provenance_base}
                     if len(others) < method.choices - 1:
                         records.append(rejected(item_id, "fact_templates", "validation",
                                                 f"only {len(others)} distinct other values of {attribute} for "
@@ -81,6 +89,18 @@ def fact_items(method: FactTemplatesMethod, run_seed: int) -> list[Record]:
     return records
 
 
+def _question_answers(id_prefix: str, phrasing: _Phrasings, count: int, rng: random.Random, where: str,
+                      row: dict[str, Any], provenance: dict[str, Any]) -> list[Record]:
+    """`count` question/answer items, each question phrasing used once before any repeats."""
+    questions = rng.sample(phrasing.questions, len(phrasing.questions))
+    records = []
+    for k in range(count):
+        question = render_string(questions[k % len(questions)], where, **row)
+        answer = render_string(rng.choice(phrasing.answers), where, **row)
+        records.append(accepted(f"{id_prefix}{k}", "fact_templates", provenance, messages=_turns(question, answer)))
+    return records
+
+
 def _multiple_choice(item_id: str, row: dict[str, Any], attribute: str, phrasing: _Attribute, others: list[str],
                      rng: random.Random, n_choices: int, where: str, provenance: dict[str, Any]) -> Record:
     correct = str(row[attribute])
@@ -88,11 +108,13 @@ def _multiple_choice(item_id: str, row: dict[str, Any], attribute: str, phrasing
     rng.shuffle(options)
     letter = LETTERS[options.index(correct)]
     stem = render_string(phrasing.multiple_choice or "", where, **row)
-    listed = "\n".join(f"{LETTERS[i]}) {option}" for i, option in enumerate(options))
-    question = f"{stem}\n\n{listed}\n\nAnswer with the letter of the correct option."
+    # MMLU's layout (`A. option` lines, the answer starts with the letter), as `choices_format: letters` scores it
+    listed = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
+    question = f"{stem}\n{listed}"
     explanation = render_string(rng.choice(phrasing.answers), where, **row)
+    answer = f"{letter}. {correct}" + (f". {explanation}" if explanation.strip().lower() != correct.lower() else "")
     provenance = {**provenance, "choices": options, "answer": letter}
-    messages = _turns(question, f"{letter}) {correct}. {explanation}")
+    messages = _turns(question, answer)
     return accepted(item_id, "fact_templates", provenance, messages=messages)
 
 

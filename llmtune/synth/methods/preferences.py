@@ -2,6 +2,10 @@
 `llmtune serve`), score each with a judge, keep the best as chosen and the worst as rejected when the judge
 separates them by at least `min_margin`.
 
+`chosen: reference` makes the reference answer the chosen side and the policy's worst sample the rejected one
+(Chen et al., 2024, "Self-Play Fine-Tuning", SPIN): pairs exist even when no sample is right, and a sample as
+good as the reference leaves no pair.
+
 Judges: `reference` scores agreement with the prompt's reference answer (ROUGE-L F1, via rouge-score);
 `rubric` asks the teacher to grade with prompts/judge_rubric.jinja ("Score: N", scaled to 0..1).
 """
@@ -67,6 +71,9 @@ def _task(method: PreferencesMethod, policy: Teacher, judge: Teacher | None, rub
                 answers.append("")  # an empty or broken sample can still be the rejected one
         scores = [await _score(call, i, answer, question, reference, method, judge, rubric)
                   for i, answer in enumerate(answers)]
+        if method.chosen == "reference":  # the reference is chosen, as in SPIN: `samples` scores one above all
+            answers.append(reference)
+            scores.append(1.0)
         best = max(range(len(answers)), key=lambda i: (scores[i], -i))
         worst = min(range(len(answers)), key=lambda i: (scores[i], i))
         if not answers[best]:
