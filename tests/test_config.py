@@ -202,3 +202,21 @@ def test_dry_run_refuses_a_recipe_that_cannot_fit():
     path = REPO / "recipes" / "clinical-qa" / "gpu" / "llama3.1-8b-qlora.yaml"
     with pytest.raises(RecipeError, match=r"sft: estimated \d+\.\d GB per process does not fit"):
         dry_run(load_pipeline(path, ["sft.quantization=null", "sft.train.gradient_checkpointing=false"]))
+
+
+@pytest.mark.parametrize("name, params", [("meta-llama/Llama-3.1-8B-Instruct", 8_030_261_248),
+                                          ("Qwen/Qwen2.5-7B-Instruct", 7_615_616_512),
+                                          ("mistralai/Mistral-7B-Instruct-v0.3", 7_248_023_552)])
+def test_memory_estimate_builds_the_published_architectures(name, params):
+    """The meta-device build of each known config has exactly the parameter count its model card states, and
+    LoRA r=16 on every linear layer of Llama-3.1-8B has the 41,943,040 parameters peft reports."""
+    from llmtune.memory import architecture_config, estimate, model_shape
+
+    shape = model_shape(architecture_config(name), lora_r=16)
+    assert shape.total_params == params
+    if name.startswith("meta-llama"):
+        assert shape.lora_params == 41_943_040
+    qlora = estimate(shape, dtype="bfloat16", load_in="4bit", batch_size=1, max_length=512,
+                     gradient_checkpointing=True)
+    full = estimate(shape, dtype="bfloat16", load_in=None, batch_size=1, max_length=512, gradient_checkpointing=True)
+    assert 0.25 < qlora.weights_gb / full.weights_gb < 0.45  # 4-bit layers, 16-bit embeddings and head

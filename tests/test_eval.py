@@ -68,8 +68,8 @@ def test_mcq_log_likelihoods_match_a_per_option_reference(tiny_model_dir, mcq_fi
     loaded = load_for_inference(str(tiny_model_dir))
     items = [*read_mcq(mcq_file)[:6], McqItem("long", "x", "A longer question with more words in it?",
                                                ("short", "a much longer option with many more tokens in it"), 1)]
-    for style in ("chat", "plain"):
-        options = [o for item in items for o in build_options(loaded, item, style, "Be brief.")]
+    for style, layout in (("chat", "cloze"), ("plain", "cloze"), ("chat", "letters")):
+        options = [o for item in items for o in build_options(loaded, item, style, "Be brief.", layout)]
         batched = option_logprobs(loaded, options, rows_per_pass=9)  # batches cut across items
         for option, score in zip(options, batched, strict=True):
             ids = torch.tensor([option.context + option.continuation])

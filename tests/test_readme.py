@@ -27,7 +27,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_opens_with_the_demo_and_the_test_command():
     demo, tests = readme_commands()[:2]
-    assert demo == SETUP + ".venv/bin/llmtune train recipes/clinical-qa/sft-smollm2.yaml"
+    assert demo == SETUP + ".venv/bin/llmtune run recipes/clinical-qa/cpu-smollm2.yaml"
     assert tests.startswith(SETUP) and "pytest" in tests
 
 
@@ -48,6 +48,9 @@ def _runnable(command: str, out: Path, sft_run: Path | None) -> str:
         command = re.sub(r" --\S+ \d+", "", command) + f" --model builtin:tiny --results {shlex.quote(str(out))}"
         small = {"dpo_vs_trl": " --steps 2 --rounds 1", "eval_vs_lm_eval": " --items 8 --rounds 1"}
         command += next((v for k, v in small.items() if k in command), " --requests 4 --tokens 4")
+    if " run recipes/" in command:  # the pipeline: its tiny variant; the GPU recipes' dry run as it is
+        command = command.replace("cpu-smollm2.yaml", "tiny.yaml").replace(".venv/bin/", f"{BIN}/")
+        return command if "--dry-run" in command else command + f" --set pipeline.output_dir={shlex.quote(str(out))}"
     command = command.replace("-smollm2.yaml", "-tiny.yaml").replace(".venv/bin/", f"{BIN}/")
     if " train " in command:
         command = re.sub(r" --set output_dir=\S+", "", command) + f" --set output_dir={shlex.quote(str(out))}"
@@ -64,7 +67,10 @@ RUN_FOLDERS = re.compile(r"runs/clinical-qa/(sft|dpo)-smollm2(?!-)\b")
 
 
 @pytest.mark.parametrize("command", [c for c in readme_commands() if "pytest" not in c])
-def test_readme_command_runs(command, tmp_path, request):
+def test_readme_command_runs(command, tmp_path, request, tmp_path_factory):
+    if " run recipes/" in command:
+        _run_pipeline_command(command, tmp_path_factory)
+        return
     eval_recipe = " eval recipes/" in command
     uses_a_run = "dpo-" in command or eval_recipe or RUN_FOLDERS.search(command) is not None
     sft_run = request.getfixturevalue("finished_sft_run") if uses_a_run else None
@@ -98,6 +104,29 @@ def test_readme_command_runs(command, tmp_path, request):
         assert (tmp_path / "output" / "model.safetensors").is_file()
     if " publish " in command:
         assert (tmp_path / "output" / "README.md").is_file()
+
+
+def _run_pipeline_command(command: str, tmp_path_factory) -> None:
+    """Pipeline commands share one output folder (as they would for a user): the demo runs every stage, the
+    same recipe again skips them all, a changed DPO beta reruns from dpo."""
+    out = tmp_path_factory.getbasetemp() / "readme-pipeline"
+    runnable = _runnable(command, out, None)
+    before = _stage_state(out)
+    result = subprocess.run(runnable, shell=True, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{runnable}\n{result.stderr[-4000:]}"
+    if "--dry-run" in command:
+        assert "GB per process" in result.stdout
+        return
+    after = _stage_state(out)
+    assert all(stage["status"] == "done" for stage in after.values()) and len(after) == 7
+    if "--set" in command and before:  # dpo.preference.beta: the stages before dpo are untouched
+        assert all(after[s] == before[s] for s in ("synth", "sft", "prefs")) and after["dpo"] != before["dpo"]
+    assert (out / "publish" / "README.md").is_file()
+
+
+def _stage_state(out: Path) -> dict:
+    state = out / "pipeline-state.json"
+    return json.loads(state.read_text())["stages"] if state.is_file() else {}
 
 
 def _serve_until_it_answers(command: str, env: dict[str, str]) -> None:

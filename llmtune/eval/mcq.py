@@ -66,25 +66,58 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 @torch.no_grad()
 def option_logprobs(loaded: Loaded, options: list[Option], rows_per_pass: int) -> list[float]:
-    """Summed log-probability of each option's continuation given its context."""
+    """Summed log-probability of each option's continuation given its context.
+
+    The options of an item share their context, so each distinct context is run once and its key/value cache
+    is copied to its options, which then run only their continuation tokens: an MCQ item costs one context
+    plus four short continuations instead of four whole sequences (a letters item, one context and nothing
+    more). The sums equal per-option scoring to float32 rounding (tests/test_eval.py checks this)."""
+    contexts: dict[tuple[int, ...], int] = {}
+    owner = [contexts.setdefault(tuple(o.context), len(contexts)) for o in options]
+    unique = list(contexts)
+    scores = [0.0] * len(options)
+    per_pass = max(1, rows_per_pass // max(1, len(options) // max(1, len(unique))))
+    for start in range(0, len(unique), per_pass):
+        group = range(start, min(start + per_pass, len(unique)))
+        members = [i for i, o in enumerate(owner) if o in group]
+        for i, value in zip(members, _score_shared(loaded, [list(unique[g]) for g in group],
+                                                   [options[i] for i in members], [owner[i] - start for i in members]),
+                            strict=True):
+            scores[i] = value
+    return scores
+
+
+def _score_shared(loaded: Loaded, contexts: list[list[int]], options: list[Option], owners: list[int]) -> list[float]:
     model, pad = loaded.model, loaded.tokenizer.pad_token_id
-    scores: list[float] = []
-    for start in range(0, len(options), rows_per_pass):
-        batch = options[start : start + rows_per_pass]
-        sequences = [o.context + o.continuation for o in batch]
-        width = max(len(s) for s in sequences)
-        keep = max(len(o.continuation) for o in batch) + 1
-        input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences])
-        attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences])
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                       logits_to_keep=keep).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)  # (rows, keep, vocab): position i predicts token i+1
-        for row, option in enumerate(batch):
-            n = len(option.continuation)
-            predicted = logprobs[row, keep - 1 - n : keep - 1]
-            targets = torch.tensor(option.continuation)
-            scores.append(predicted.gather(-1, targets[:, None]).double().sum().item())  # float32 sums drift
+    width = max(len(c) for c in contexts)
+    context_ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts])
+    context_mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts])
+    positions = (context_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=context_ids, attention_mask=context_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # each context's next-token distribution
+    scores = [first[owner, option.continuation[0]].double().item() for option, owner in zip(options, owners,
+                                                                                               strict=True)]
+    rest = [i for i, option in enumerate(options) if len(option.continuation) > 1]
+    if not rest:
+        return scores
+    # The continuation tokens but the last, each predicting the next; right-padded after the shared context.
+    length = max(len(options[i].continuation) - 1 for i in rest)
+    index = torch.tensor([owners[i] for i in rest])
+    cache = out.past_key_values
+    cache.reorder_cache(index)  # one copy of its context's keys and values per option
+    ids = torch.tensor([options[i].continuation[:-1] + [pad] * (length + 1 - len(options[i].continuation))
+                        for i in rest])
+    own = torch.tensor([[1] * (len(options[i].continuation) - 1) + [0] * (length + 1 - len(options[i].continuation))
+                        for i in rest])
+    mask = torch.cat([context_mask[index], own], dim=-1)
+    steps = context_mask[index].sum(-1, keepdim=True) + torch.arange(length)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=steps, past_key_values=cache).logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    for row, i in enumerate(rest):
+        targets = torch.tensor(options[i].continuation[1:])
+        predicted = logprobs[row, : len(targets)].gather(-1, targets[:, None])
+        scores[i] += predicted.double().sum().item()  # float64 sums: float32 ones drift
     return scores
 
 
