@@ -155,3 +155,18 @@ def test_adapter_variants_train_and_save_their_config(tmp_path, chat_file, adapt
     weights = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert any("lora_magnitude_vector" in k for k in weights) == (adapter.get("kind") == "dora")
     assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)  # B starts at zero; it moved
+
+
+def test_group_by_length_batches_rows_of_similar_length(tmp_path):
+    """`train.group_by_length`: transformers' LengthGroupedSampler, so batches pad far less than random ones."""
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": " ".join(["word"] * (1 + (i * 7) % 40))}]}
+            for i in range(48)]
+    data = tmp_path / "varied.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    padding = {}
+    for grouped in (False, True):
+        recipe = load_recipe(write_recipe(tmp_path, data, train={"batch_size": 4, "group_by_length": grouped}))
+        loader = sft.build_trainer(recipe).trainer.get_train_dataloader()
+        padding[grouped] = sum(int((batch["attention_mask"] == 0).sum()) for batch in loader)
+    assert padding[True] < padding[False] / 2, padding
