@@ -508,6 +508,44 @@ def test_tiny_local_teacher_every_item_accepted_or_rejected_with_reason(tmp_path
     assert report["tokens"]["completion_tokens"] > 0
 
 
+def test_local_teacher_batches_greedy_requests_and_runs_sampled_ones_alone(tiny_model_dir, monkeypatch):
+    """Concurrent greedy requests share forward passes and get the text each would get alone; a sampled
+    request is generated alone with its seed (so it does not depend on what else is running)."""
+    import asyncio
+
+    from llmtune.inference import generation
+    from llmtune.synth.recipe import TeacherSection
+    from llmtune.synth.teachers import LocalTeacher
+
+    teacher = LocalTeacher(TeacherSection(kind="local", path=str(tiny_model_dir), max_tokens=6, temperature=0.0))
+    calls: list[int] = []
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda loaded, requests, *a: calls.append(len(requests)) or
+                        real(loaded, requests, *a))
+    prompts = [[{"role": "user", "content": f"Name drug number {i} please."}] for i in range(20)]
+
+    async def together():
+        return await asyncio.gather(*(teacher.complete(p, seed=i, item_id=str(i)) for i, p in enumerate(prompts)))
+
+    async def one_by_one():
+        return [await teacher.complete(p, seed=i, item_id=str(i)) for i, p in enumerate(prompts)]
+
+    batched = asyncio.run(together())
+    assert calls == [16, 4]
+    calls.clear()
+    alone = asyncio.run(one_by_one())
+    assert calls == [1] * 20
+    assert [c.text for c in batched] == [c.text for c in alone]
+    calls.clear()
+
+    async def sampled():
+        return await asyncio.gather(*(teacher.complete(p, seed=7, item_id=str(i), temperature=1.0)
+                                      for i, p in enumerate(prompts[:3])))
+
+    first, second = asyncio.run(sampled()), asyncio.run(sampled())
+    assert calls == [1] * 6 and [c.text for c in first] == [c.text for c in second]
+
+
 # ------------------------------------------------------------------------------------------------ real teacher
 
 

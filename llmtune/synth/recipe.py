@@ -101,7 +101,7 @@ class PreferencesMethod(Section):
     prompts: Literal["sft"] | Path = "sft"
     max_prompts: int | None = Field(None, gt=0)
     policy: TeacherSection | None = None  # default: the teacher
-    samples: int = Field(4, ge=2, le=16)
+    samples: int = Field(4, ge=1, le=16)  # 1 only with `chosen: reference`
     judge: Literal["reference", "rubric"] = "reference"
     judge_prompt: str = "judge_rubric"
     min_margin: float = Field(0.1, ge=0)  # chosen must beat rejected by this much (scores are 0..1)
@@ -158,6 +158,9 @@ class SynthSection(Section):
         for index, method in enumerate(self.methods):
             if method.kind == "preferences" and method.policy is None and self.teacher is None:
                 raise ValueError(f"methods[{index}] (preferences) needs a `policy:` or a `teacher:`")
+            if method.kind == "preferences" and method.samples < 2 and method.chosen != "reference":
+                raise ValueError(f"methods[{index}] (preferences): a pair needs 2 samples unless "
+                                 "`chosen: reference` (then the one sample is the rejected side)")
             if method.kind == "preferences" and method.judge == "rubric" and self.teacher is None:
                 raise ValueError(f"methods[{index}]: `judge: rubric` asks the teacher: add a `teacher:` section")
         # Item ids are built from the method kind (and a fact table's file name): they must not collide.

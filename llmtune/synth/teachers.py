@@ -5,8 +5,9 @@
   408/409/429/5xx, timeouts and dropped connections are retried `max_retries` times with exponential backoff
   (0.5 s doubling, capped at 8 s, minus up to 25% jitter), and a server's Retry-After is honoured. We bound the
   requests in flight with a semaphore.
-- `LocalTeacher`: a transformers model (or a trained run with its adapter) in this process, one request at a
-  time on a worker thread, seeded per request so an item's text does not depend on what ran before it.
+- `LocalTeacher`: a transformers model (or a trained run with its adapter) in this process, on a worker thread.
+  A sampled request runs alone, seeded per request, so an item's text does not depend on what ran before it;
+  greedy requests (temperature 0) need no seed, so those waiting together share forward passes (up to 16).
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ class OpenAITeacher:
 
 
 class LocalTeacher:
+    batch_size = 16  # greedy requests generated together
+
     def __init__(self, section: TeacherSection) -> None:
         from llmtune.inference.loading import load_for_inference
 
@@ -115,25 +118,72 @@ class LocalTeacher:
         self.loaded = load_for_inference(section.path)
         self.adapter = next(iter(self.loaded.adapters), None) or self.loaded.adapter_for(self.loaded.base_name)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmtune-teacher")
+        self.waiting: list[tuple[object, asyncio.Future]] = []
+        self.flushing = False
+        self.flusher: asyncio.Future | None = None
 
     async def complete(self, messages: Messages, *, seed: int, item_id: str,
                        temperature: float | None = None) -> Completion:
-        from llmtune.inference.generation import GenerationRequest, Sampling, generate
+        from llmtune.inference.generation import GenerationRequest, Sampling
 
-        request = GenerationRequest(
-            adapter=self.adapter,
-            messages=messages,
-            max_new_tokens=self.section.max_tokens,
-            sampling=Sampling(self.section.temperature if temperature is None else temperature,
-                              self.section.top_p, seed),
-        )
+        sampling = Sampling(self.section.temperature if temperature is None else temperature, self.section.top_p,
+                            seed)
+        if sampling.greedy:  # the seed changes nothing, and requests that share sampling can share a batch
+            sampling = Sampling(0.0, 1.0, None)
+        request = GenerationRequest(adapter=self.adapter, messages=messages, max_new_tokens=self.section.max_tokens,
+                                    sampling=sampling)
+        if sampling.greedy:
+            result = await self._batched(request)
+        else:
+            [result] = await self._generate([request])
+        return Completion(result.text, result.prompt_tokens, result.completion_tokens, result.finish_reason)
+
+    async def _batched(self, request) -> object:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((request, future))
+        if not self.flushing:  # starts on the next loop turn: requests made in this one join its first batch
+            self.flushing = True
+            self.flusher = asyncio.ensure_future(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        """Generate what is waiting, a batch at a time; requests arriving meanwhile join the next batch."""
         try:
-            [[result]] = await asyncio.get_running_loop().run_in_executor(
-                self.worker, generate, self.loaded, [request]
-            )
+            while self.waiting:
+                batch, self.waiting = self.waiting[: self.batch_size], self.waiting[self.batch_size :]
+                try:
+                    results = await self._generate([request for request, _ in batch])
+                except TeacherFailure:
+                    if len(batch) == 1:
+                        raise
+                    results = [await self._generate_or_error([request]) for request, _ in batch]  # find the bad one
+                for (_, future), result in zip(batch, results, strict=True):
+                    if isinstance(result, TeacherFailure):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        except TeacherFailure as failure:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(failure)
+        finally:
+            self.flushing = False  # the loop saw `waiting` empty with no await since: nothing is left behind
+
+    async def _generate_or_error(self, requests: list) -> object:
+        try:
+            [result] = await self._generate(requests)
+            return result
+        except TeacherFailure as failure:
+            return failure
+
+    async def _generate(self, requests: list) -> list:
+        from llmtune.inference.generation import generate
+
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self.worker, generate, self.loaded, requests)
         except (RuntimeError, ValueError) as err:  # e.g. a prompt longer than the model's context
             raise TeacherFailure(f"local generation failed: {_short(str(err))}") from None
-        return Completion(result.text, result.prompt_tokens, result.completion_tokens, result.finish_reason)
+        return [choices[0] for choices in results]
 
     async def close(self) -> None:
         self.worker.shutdown(wait=True)
