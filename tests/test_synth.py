@@ -612,3 +612,14 @@ class socket_port:
 
     def __exit__(self, *exc) -> None:
         self.socket.close()
+
+
+def test_preference_prompts_are_drawn_from_all_of_the_data():
+    from llmtune.synth.methods.preferences import sample_prompts
+
+    sources = [(f"p{i}", [{"role": "user", "content": f"q{i}"}], f"a{i}") for i in range(100)]
+    picked = sample_prompts(sources, 10, seed=3)
+    indexes = [int(s[0][1:]) for s in picked]
+    assert len(indexes) == 10 and indexes == sorted(indexes) and max(indexes) >= 50  # not the first ten
+    assert sample_prompts(sources, 10, seed=3) == picked and sample_prompts(sources, 10, seed=4) != picked
+    assert sample_prompts(sources, None, seed=3) == sources == sample_prompts(sources, 500, seed=3)

@@ -12,6 +12,7 @@ Judges: `reference` scores agreement with the prompt's reference answer (ROUGE-L
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,17 @@ def sources_from_file(path: Path) -> list[Source]:
 async def preference_pairs(method: PreferencesMethod, context: Context, policy: Teacher, judge: Teacher | None,
                            sources: list[Source]) -> list[Record]:
     rubric = load_prompt(method.judge_prompt) if method.judge == "rubric" else None
-    chosen = sources[: method.max_prompts] if method.max_prompts else sources
-    return await context.run([_task(method, policy, judge, rubric, source) for source in chosen])
+    return await context.run([_task(method, policy, judge, rubric, source)
+                              for source in sample_prompts(sources, method.max_prompts, context.run_seed)])
+
+
+def sample_prompts(sources: list[Source], limit: int | None, seed: int) -> list[Source]:
+    """`limit` prompts drawn evenly from all of them (seeded; in their original order), not the first `limit`:
+    sources come grouped (a fact table's rows in order), and the pairs should cover all of it."""
+    if not limit or limit >= len(sources):
+        return sources
+    picked = sorted(random.Random(f"{seed}/preferences").sample(range(len(sources)), limit))
+    return [sources[i] for i in picked]
 
 
 def _task(method: PreferencesMethod, policy: Teacher, judge: Teacher | None, rubric: Prompt | None,
