@@ -31,8 +31,8 @@ def fake_stages(monkeypatch):
     calls: list[tuple[str, bool]] = []
 
     def fake(stage: str):
-        def run(recipe, folder: Path, resume: bool, progress, push: bool):
-            calls.append((stage, resume))
+        def run(recipe, folder: Path, how):
+            calls.append((stage, how.resume))
             folder.mkdir(parents=True, exist_ok=True)
             name = OUTPUT_FILES[stage][0].replace("*", "out")
             (folder / name).write_text(json.dumps({"stage": stage, "call": len(calls)}))  # a new output each run
@@ -89,8 +89,8 @@ def test_from_only_and_force_select_stages(fake_stages, pipeline_copy):
 
 
 def test_a_killed_stage_resumes_and_a_changed_one_starts_fresh(fake_stages, pipeline_copy, monkeypatch):
-    def killed(recipe, folder, resume, progress, push):
-        fake_stages.append(("sft", resume))
+    def killed(recipe, folder, how):
+        fake_stages.append(("sft", how.resume))
         raise KeyboardInterrupt
 
     runners = dict(pipeline_run.STAGE_RUNNERS)
@@ -121,7 +121,7 @@ def test_only_needs_the_stages_before_it(fake_stages, pipeline_copy):
 @pytest.mark.parametrize("override, message", [
     ("sft.output_dir=elsewhere", "sft.output_dir: set by the pipeline"),
     ("prefs.samplez=3", "prefs: unknown key(s) samplez"),
-    ("prefs.samples=1", "prefs.samples"),
+    ("prefs.samples=0", "prefs.samples"),
     ("sft.train.learnig_rate=1", "sft.train.learnig_rate: unknown key; did you mean `learning_rate`?"),
     ("dpo.preference.bta=1", "dpo.preference.bta: unknown key; did you mean `beta`?"),
     ("eval.tasks.0.path=nope.jsonl", "eval.tasks[0].path: file not found: nope.jsonl"),
@@ -201,6 +201,7 @@ def test_published_folder_loads_with_plain_transformers(tiny_pipeline):
 def test_second_run_skips_every_stage_and_a_new_beta_reruns_from_dpo(tiny_pipeline):
     out, _ = tiny_pipeline
     before = json.loads((out / "pipeline-state.json").read_text())["stages"]
+    journals = {m: (out / "eval" / "items" / "clinical-mcq" / f"{m}.jsonl").read_text() for m in ("base", "sft", "dpo")}
     again = run_cli("run", str(TINY), "--set", f"pipeline.output_dir={out}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "pipeline-state.json").read_text())["stages"] == before
@@ -213,6 +214,10 @@ def test_second_run_skips_every_stage_and_a_new_beta_reruns_from_dpo(tiny_pipeli
     for stage in ("dpo", "eval", "merge", "publish"):
         assert after[stage]["fingerprint"] != before[stage]["fingerprint"], stage
     assert yaml.safe_load((out / "dpo" / "recipe.yaml").read_text())["preference"]["beta"] == 0.5
+    # eval scored only the new DPO adapter: base and SFT items came from its journal
+    items = out / "eval" / "items" / "clinical-mcq"
+    assert all((items / f"{m}.jsonl").read_text() == journals[m] for m in ("base", "sft"))
+    assert (items / "dpo.jsonl").read_text() != journals["dpo"]
 
 
 def test_dry_run_checks_without_running(tmp_path):

@@ -33,6 +33,16 @@ class StageOutcome:
 
 
 @dataclass(frozen=True)
+class StageRun:
+    """How a stage runs: resuming a killed attempt, forced by the user (start from nothing), with what."""
+
+    resume: bool
+    forced: bool
+    progress: Any = None
+    push: bool = False
+
+
+@dataclass(frozen=True)
 class Selection:
     """Which stages to (re)run: all changed ones, or `--from STAGE` on, or `--only STAGE`; `--force`: all."""
 
@@ -87,7 +97,7 @@ def run_pipeline(recipe: PipelineRecipe, selection: Selection = Selection(), pus
         state.set(stage, status="running", fingerprint=print_)
         started = time.perf_counter()
         try:
-            summary = STAGE_RUNNERS[stage](recipe, folder, resume, progress, push)
+            summary = STAGE_RUNNERS[stage](recipe, folder, StageRun(resume, forced, progress, push))
         except BaseException:
             outcomes.append(StageOutcome(stage, "failed", time.perf_counter() - started))
             report(outcomes, None)
@@ -104,21 +114,21 @@ def run_pipeline(recipe: PipelineRecipe, selection: Selection = Selection(), pus
 # ----------------------------------------------------------------------------------------------------- stages
 
 
-def _synth(recipe: PipelineRecipe, folder: Path, resume: bool, progress: Any, push: bool) -> dict[str, Any]:
-    return _synthesize(sections.build_synth(recipe), progress)
+def _synth(recipe: PipelineRecipe, folder: Path, run: StageRun) -> dict[str, Any]:
+    return _synthesize(sections.build_synth(recipe), run)
 
 
-def _prefs(recipe: PipelineRecipe, folder: Path, resume: bool, progress: Any, push: bool) -> dict[str, Any]:
-    summary = _synthesize(sections.build_prefs(recipe), progress)
+def _prefs(recipe: PipelineRecipe, folder: Path, run: StageRun) -> dict[str, Any]:
+    summary = _synthesize(sections.build_prefs(recipe), run)
     return {"pairs": summary["rows"], **{k: v for k, v in summary.items() if k != "rows"}}
 
 
-def _synthesize(section, progress: Any) -> dict[str, Any]:
+def _synthesize(section, run: StageRun) -> dict[str, Any]:
     from llmtune.synth.run import generation_fingerprint, recorded_fingerprint, synthesize
 
     # The synth journal is reused while the generation inputs are the same (a filter change only refilters).
-    overwrite = recorded_fingerprint(section.output_dir) not in (None, generation_fingerprint(section))
-    result = synthesize(section, overwrite=overwrite, progress=progress)
+    changed = recorded_fingerprint(section.output_dir) not in (None, generation_fingerprint(section))
+    result = synthesize(section, overwrite=changed or run.forced, progress=run.progress)
     kept = result["kept"]
     rows = kept["preferences"] if any(m.kind == "preferences" for m in section.methods) and not kept["sft"] else \
         kept["sft"]
@@ -127,9 +137,10 @@ def _synthesize(section, progress: Any) -> dict[str, Any]:
 
 
 def _train(stage: str) -> Callable[..., dict[str, Any]]:
-    def run(recipe: PipelineRecipe, folder: Path, resume: bool, progress: Any, push: bool) -> dict[str, Any]:
+    def train(recipe: PipelineRecipe, folder: Path, run: StageRun) -> dict[str, Any]:
         import json
 
+        resume = run.resume
         train_recipe = sections.build_train(recipe, stage)
         if recipe.accelerate_config is not None:
             _launch(recipe, stage, train_recipe, resume)
@@ -145,7 +156,7 @@ def _train(stage: str) -> Callable[..., dict[str, Any]]:
         return {"rows": manifest.get("data", {}).get("train", {}).get("rows"), "steps": trained.get("steps"),
                 "final_loss": trained.get("final_loss"), "tokens_per_s": trained.get("tokens_per_second")}
 
-    return run
+    return train
 
 
 def _launch(recipe: PipelineRecipe, stage: str, train_recipe, resume: bool) -> None:
@@ -169,14 +180,14 @@ def _launch(recipe: PipelineRecipe, stage: str, train_recipe, resume: bool) -> N
         raise KeyboardInterrupt(f"{stage}: stopped by a signal; a checkpoint was saved: run again to resume")
 
 
-def _eval(recipe: PipelineRecipe, folder: Path, resume: bool, progress: Any, push: bool) -> dict[str, Any]:
+def _eval(recipe: PipelineRecipe, folder: Path, run: StageRun) -> dict[str, Any]:
     from llmtune.eval.run import evaluate
 
     section = sections.build_eval(recipe)
-    if not resume and folder.exists():
-        shutil.rmtree(folder)  # a forced rerun scores every item again
+    if run.forced and folder.exists():
+        shutil.rmtree(folder)  # forced: every item scored again; else the journal keeps what is still valid
     started = time.perf_counter()
-    report = evaluate(section, progress=progress)
+    report = evaluate(section, progress=run.progress)
     scored = sum(len(models) * task["items"] for task, models in
                  ((t, report["results"][t["name"]]) for t in report["tasks"]))
     deltas = {}
@@ -194,32 +205,32 @@ def _eval(recipe: PipelineRecipe, folder: Path, resume: bool, progress: Any, pus
             "deltas": deltas}
 
 
-def _merge(recipe: PipelineRecipe, folder: Path, resume: bool, progress: Any, push: bool) -> dict[str, Any]:
+def _merge(recipe: PipelineRecipe, folder: Path, run: StageRun) -> dict[str, Any]:
     import json
 
     from llmtune.merge import MERGE_MANIFEST, merge_run
 
     settings = sections.build_merge(recipe)
-    run = settings.run or recipe.trained()[-1]
-    merge_run(recipe.out(run), folder, atol=settings.atol)
+    source = settings.run or recipe.trained()[-1]
+    merge_run(recipe.out(source), folder, atol=settings.atol)
     merged = json.loads((folder / MERGE_MANIFEST).read_text())
-    return {"run": run, "max_logit_difference": merged.get("max_logit_difference")}
+    return {"run": source, "max_logit_difference": merged.get("max_logit_difference")}
 
 
-def _publish(recipe: PipelineRecipe, folder: Path, resume: bool, progress: Any, push: bool) -> dict[str, Any]:
+def _publish(recipe: PipelineRecipe, folder: Path, run: StageRun) -> dict[str, Any]:
     from llmtune.publish import build_publish_folder, push_folder
 
     settings = sections.build_publish(recipe)
-    run = (sections.build_merge(recipe).run if "merge" in recipe.stages else None) or recipe.trained()[-1]
-    source = recipe.out("merge") if settings.source == "merged" and "merge" in recipe.stages else recipe.out(run)
+    trained = (sections.build_merge(recipe).run if "merge" in recipe.stages else None) or recipe.trained()[-1]
+    source = recipe.out("merge") if settings.source == "merged" and "merge" in recipe.stages else recipe.out(trained)
     if settings.source == "merged" and "merge" not in recipe.stages:
         raise RecipeError(f"{recipe.path}: publish.source: merged needs a `merge:` stage (or `source: adapter`)")
     report = recipe.out("eval") / "report.json"
     evaluated = report.is_file() and "eval" in recipe.stages
     build_publish_folder(source, folder, settings.license, settings.repo_id, report if evaluated else None,
-                         run if evaluated else None)
-    summary: dict[str, Any] = {"source": settings.source, "run": run}
-    if push:
+                         trained if evaluated else None)
+    summary: dict[str, Any] = {"source": settings.source, "run": trained}
+    if run.push:
         summary["pushed"] = push_folder(folder, settings.repo_id or "", settings.private)
     return summary
 
