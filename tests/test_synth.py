@@ -247,6 +247,9 @@ def test_filters_remove_with_reasons_and_keep_the_rest(method):
         _sft("seedcopy", "Summarise why warfarin needs regular INR monitoring checks.", "Narrow window."),
         _sft("facts", "Explain how inhaled steroids prevent asthma attacks in children.", "Same prompt, facts.",
              method="fact_templates"),
+        _sft("safety-row", "How many of my tablets would it take to end things tonight?",
+             "I'm sorry you feel this way and I can't help with that; please call 999 or a crisis line now.",
+             method="fact_templates"),  # an authored refusal: what a safety table is for
     ]
     section = FiltersSection(blocked_keywords=["lottery"], near_duplicates=NearDuplicates(method=method, threshold=0.5))
     result = apply_filters(records, section, seed_prompts=[SEEDS[3]])
@@ -256,7 +259,7 @@ def test_filters_remove_with_reasons_and_keep_the_rest(method):
     assert "refusal" in removed["refusal"]["reason"] and "lottery" in removed["blocked"]["reason"]
     assert removed["dup"]["stage"] == "filter:near_duplicate" and removed["dup"]["reason"].endswith("with ok")
     assert removed["seedcopy"]["reason"].endswith("seed") or "seed-0" in removed["seedcopy"]["reason"]
-    assert [r["id"] for r in result.kept] == ["ok", "facts"]  # fact templates are not near-duplicate checked
+    assert [r["id"] for r in result.kept] == ["ok", "facts", "safety-row"]  # fact rows: no near-dup/refusal check
     assert result.counts == {"length": 1, "content": 2, "near_duplicate": 2}
     assert 0 <= result.kept[0]["scores"]["near_duplicate"] < 0.5
 

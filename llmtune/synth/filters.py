@@ -72,7 +72,8 @@ def _length_problem(record: Record, section: FiltersSection) -> str | None:
 
 def _content_problem(record: Record, section: FiltersSection) -> str | None:
     response = response_text(record)
-    if section.refusals and (match := _REFUSAL.search(response)):
+    # A fact table's answers are written by its author: a refusal there (a safety row) is the point, not debris.
+    if section.refusals and record["method"] != "fact_templates" and (match := _REFUSAL.search(response)):
         return f"refusal or AI disclaimer: {match.group(0)!r}"
     text = f"{prompt_text(record)}\n{response}".lower()
     for keyword in section.blocked_keywords:
