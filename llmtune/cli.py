@@ -133,6 +133,9 @@ def run(
             raise typer.BadParameter(f"{name!r}: stages are {', '.join(STAGES)}")
     if from_ and only:
         raise typer.BadParameter("give --from or --only, not both")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise typer.BadParameter("`llmtune run` runs in one process and launches its training stages itself: set "
+                                 "`pipeline.accelerate_config` instead of starting it under accelerate/torchrun")
     pipeline = load_pipeline(recipe, set_)  # every stage validated before any runs
     if dry_run:
         from llmtune.pipeline.dryrun import dry_run as check
