@@ -168,6 +168,9 @@ class Recipe(Section):
             raise ValueError(
                 f"a {self.quantization.load_in} base cannot be trained directly: add an `adapter:` section (QLoRA)"
             )
+        if self.method == "kto" and self.train.group_by_length:
+            raise ValueError("`train.group_by_length` cannot be used with `method: kto`: TRL's KTO pairs each row "
+                             "with its neighbours in a fixed order (sequential sampling)")
         if self.train.eval_steps and not (self.data.validation or self.data.validation_fraction):
             raise ValueError(
                 "`train.eval_steps` needs validation data: set `data.validation` or `data.validation_fraction`"

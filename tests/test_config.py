@@ -95,6 +95,7 @@ def test_missing_data_file_is_named(tmp_path, chat_file):
         ({"data": {"packing": True, "max_length": None}}, "`packing: true` needs `max_length`"),
         ({"data": {"validation_fraction": 0.1, "validation": [{"path": "x.jsonl"}]}}, "not both"),
         ({"train": {"eval_steps": 5}}, "`train.eval_steps` needs validation data"),
+        ({"method": "kto", "train": {"group_by_length": True}}, "`train.group_by_length` cannot be used with"),
     ],
 )
 def test_conflicting_options_give_one_message(tmp_path, chat_file, sections, expected):

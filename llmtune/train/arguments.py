@@ -53,7 +53,8 @@ def common_args(recipe: Recipe, output_dir: Path, has_validation: bool) -> dict:
         **mixed_precision(recipe),
         use_cpu=not torch.cuda.is_available(),
         # TRL turns checkpointing on by default; it costs ~30% speed and is only needed when memory is short.
-        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        # Only when asked: each TRL config has its own default (KTO's is "sequential").
+        **({"train_sampling_strategy": "group_by_length"} if train.group_by_length else {}),
         gradient_checkpointing=train.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
         logging_steps=train.logging_steps,
