@@ -36,8 +36,8 @@ def _train_recipe(recipe: PipelineRecipe, stage: str) -> Recipe:
 
 
 def _memory_line(recipe: PipelineRecipe, stage: str, train: Recipe, config: Any, shards: int) -> str:
-    adapter = train.adapter if stage == "sft" else _sft_adapter(recipe)
-    quantization = train.quantization if stage == "sft" else _sft_recipe(recipe).quantization
+    sft = train if stage == "sft" else _sft_recipe(recipe)  # dpo continues the sft run's adapter and base
+    adapter, quantization = sft.adapter, sft.quantization
     shape = model_shape(config, adapter.r if adapter else None, adapter.target_modules if adapter else "all-linear")
     result = estimate(shape, dtype=recipe.model.dtype, load_in=quantization.load_in if quantization else None,
                       batch_size=train.train.batch_size, max_length=train.data.max_length or 1024,
@@ -62,10 +62,6 @@ def _memory_line(recipe: PipelineRecipe, stage: str, train: Recipe, config: Any,
 
 def _sft_recipe(recipe: PipelineRecipe) -> Recipe:
     return validate_train(recipe, "sft", sections.sft_raw(recipe))
-
-
-def _sft_adapter(recipe: PipelineRecipe):
-    return _sft_recipe(recipe).adapter
 
 
 def _accelerate(recipe: PipelineRecipe) -> tuple[int, str]:

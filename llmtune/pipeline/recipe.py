@@ -84,10 +84,6 @@ class PipelineRecipe:
         return [name for name in ("sft", "dpo") if name in self.raw]
 
 
-def is_pipeline(raw: dict[str, Any]) -> bool:
-    return "pipeline" in raw
-
-
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineRecipe:
     """Read and check a pipeline recipe: every stage section is validated now, before hours of work."""
     path = Path(path)
