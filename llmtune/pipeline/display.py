@@ -22,7 +22,7 @@ def stage_table(stages: list[str], outcomes: list[StageOutcome], running: str | 
         status = "running" if stage == running else outcome.status if outcome else "pending"
         summary = outcome.summary if outcome else {}
         wall = f"{outcome.wall_s:.0f} s" if outcome and outcome.wall_s else ""
-        rows = summary.get("rows", summary.get("pairs"))
+        rows = summary.get("rows")
         speed = summary.get("tokens_per_s")
         table.add_row(stage, f"[{_STYLE[status]}]{status}[/]", wall, "" if rows is None else str(rows),
                       "" if speed is None else f"{speed:.0f}", _notes(summary))

@@ -82,14 +82,12 @@ def run_pipeline(recipe: PipelineRecipe, selection: Selection = Selection(), pus
                              recipe.output_dir, upstream)
         record = state.get(stage)
         intact = record.get("status") == "done" and output_digest(stage, folder) == record.get("digest")
-        if not selection.runs(stage):
-            if not intact:
-                raise RecipeError(f"{recipe.path}: --only {selection.only}: stage {stage} has not finished "
-                                  f"(or its outputs changed); run without --only first")
-            outcomes.append(StageOutcome(stage, "skipped", record.get("wall_s", 0.0), record.get("summary", {})))
-            continue
+        if not selection.runs(stage) and not intact:
+            raise RecipeError(f"{recipe.path}: --only {selection.only}: stage {stage} has not finished "
+                              f"(or its outputs changed); run without --only first")
         forced = selection.forced(stages, stage)
-        if intact and record.get("fingerprint") == print_ and not changed and not forced:
+        unchanged = intact and record.get("fingerprint") == print_ and not changed and not forced
+        if not selection.runs(stage) or unchanged:
             outcomes.append(StageOutcome(stage, "skipped", record.get("wall_s", 0.0), record.get("summary", {})))
             continue
         resume = record.get("status") == "running" and record.get("fingerprint") == print_ and not forced
@@ -115,24 +113,21 @@ def run_pipeline(recipe: PipelineRecipe, selection: Selection = Selection(), pus
 
 
 def _synth(recipe: PipelineRecipe, folder: Path, run: StageRun) -> dict[str, Any]:
-    return _synthesize(sections.build_synth(recipe), run)
+    return _synthesize(sections.build_synth(recipe), run, "sft")
 
 
 def _prefs(recipe: PipelineRecipe, folder: Path, run: StageRun) -> dict[str, Any]:
-    summary = _synthesize(sections.build_prefs(recipe), run)
-    return {"pairs": summary["rows"], **{k: v for k, v in summary.items() if k != "rows"}}
+    return _synthesize(sections.build_prefs(recipe), run, "preferences")
 
 
-def _synthesize(section, run: StageRun) -> dict[str, Any]:
+def _synthesize(section, run: StageRun, kept: str) -> dict[str, Any]:
     from llmtune.synth.run import generation_fingerprint, recorded_fingerprint, synthesize
 
     # The synth journal is reused while the generation inputs are the same (a filter change only refilters).
     changed = recorded_fingerprint(section.output_dir) not in (None, generation_fingerprint(section))
     result = synthesize(section, overwrite=changed or run.forced, progress=run.progress)
-    kept = result["kept"]
-    rows = kept["preferences"] if any(m.kind == "preferences" for m in section.methods) and not kept["sft"] else \
-        kept["sft"]
-    return {"rows": rows, "removed": sum(result["removed_by_filter"].values()), "rejects": result["rejects"],
+    return {"rows": result["kept"][kept], "removed": sum(result["removed_by_filter"].values()),
+            "rejects": result["rejects"],
             "decontaminated": result["decontaminated"], "items_per_s": result["items_per_s"]}
 
 
@@ -210,9 +205,8 @@ def _merge(recipe: PipelineRecipe, folder: Path, run: StageRun) -> dict[str, Any
 
     from llmtune.merge import MERGE_MANIFEST, merge_run
 
-    settings = sections.build_merge(recipe)
-    source = settings.run or recipe.trained()[-1]
-    merge_run(recipe.out(source), folder, atol=settings.atol)
+    source = sections.merged_stage(recipe)
+    merge_run(recipe.out(source), folder, atol=sections.build_merge(recipe).atol)
     merged = json.loads((folder / MERGE_MANIFEST).read_text())
     return {"run": source, "max_logit_difference": merged.get("max_logit_difference")}
 
@@ -221,10 +215,8 @@ def _publish(recipe: PipelineRecipe, folder: Path, run: StageRun) -> dict[str, A
     from llmtune.publish import build_publish_folder, push_folder
 
     settings = sections.build_publish(recipe)
-    trained = (sections.build_merge(recipe).run if "merge" in recipe.stages else None) or recipe.trained()[-1]
-    source = recipe.out("merge") if settings.source == "merged" and "merge" in recipe.stages else recipe.out(trained)
-    if settings.source == "merged" and "merge" not in recipe.stages:
-        raise RecipeError(f"{recipe.path}: publish.source: merged needs a `merge:` stage (or `source: adapter`)")
+    trained = sections.merged_stage(recipe)
+    source = recipe.out("merge") if settings.source == "merged" else recipe.out(trained)
     report = recipe.out("eval") / "report.json"
     evaluated = report.is_file() and "eval" in recipe.stages
     build_publish_folder(source, folder, settings.license, settings.repo_id, report if evaluated else None,

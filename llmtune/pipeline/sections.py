@@ -119,7 +119,16 @@ def build_merge(recipe: PipelineRecipe) -> MergeStage:
 
 
 def build_publish(recipe: PipelineRecipe) -> PublishStage:
-    return validate_section(PublishStage, stage_raw(recipe, "publish"), recipe.path, "publish.")
+    settings = validate_section(PublishStage, stage_raw(recipe, "publish"), recipe.path, "publish.")
+    if settings.source == "merged" and "merge" not in recipe.stages:
+        raise RecipeError(f"{recipe.path}: publish.source: merged needs a `merge:` stage (or `source: adapter`)")
+    return settings
+
+
+def merged_stage(recipe: PipelineRecipe) -> str:
+    """The trained stage that merge merges and publish publishes: `merge.run`, else the last trained stage."""
+    chosen = build_merge(recipe).run if "merge" in recipe.stages else None
+    return chosen or recipe.trained()[-1]
 
 
 def stage_section_raw(recipe: PipelineRecipe, stage: str) -> dict[str, Any]:
@@ -148,11 +157,9 @@ def check(recipe: PipelineRecipe, stage: str) -> None:
         section = validate_section(EvalSection, raw, recipe.path, "eval.")
         produced = {str(recipe.out(s)) for s in recipe.trained()}
         user_models = [m for m in section.models if m.path not in produced]
-        if user_models:
-            resolve_eval_paths(section.model_copy(update={"models": user_models}), recipe.folder, str(recipe.path))
-        else:
-            resolve_eval_paths(section.model_copy(update={"models": section.models[:1]}), recipe.folder,
-                               str(recipe.path))
+        # task files always; model paths only where the user gave them (the first model stands in otherwise)
+        models = user_models or section.models[:1]
+        resolve_eval_paths(section.model_copy(update={"models": models}), recipe.folder, str(recipe.path))
     elif stage == "merge":
         build_merge(recipe)
     elif stage == "publish":
