@@ -14,34 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, last_metric, model_folder, timed, write_results
+
 PREFS = REPO / "recipes" / "clinical-qa" / "data" / "prefs.jsonl"
-
-
-def timed(command: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run under /usr/bin/time; returns the process, wall seconds and peak RSS in MB."""
-    started = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB=%M", *command], env=env, capture_output=True,
-                            text=True, check=False)
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        sys.exit(f"failed: {' '.join(command)}\n{result.stderr[-3000:]}")
-    rss = int(re.findall(r"MAXRSS_KB=(\d+)", result.stderr)[-1]) / 1024
-    return result, wall, rss
-
-
-def last_metric(text: str, key: str) -> float:
-    values = re.findall(rf"'{re.escape(key)}': '?([0-9.e+-]+)'?", text)
-    return float(values[-1])
 
 
 def torch_cuda_available() -> bool:
@@ -66,14 +48,13 @@ def run_trl(model_dir: Path, data_dir: Path, out: Path, steps: int, env: dict[st
             "final_loss": last_metric(text, "loss")}
 
 
-def run_llmtune(model: str, out: Path, steps: int, env: dict[str, str], precision: str = "auto") -> dict:
+def run_llmtune(model: str, out: Path, steps: int, env: dict[str, str]) -> dict:
     recipe = out.parent / f"{out.name}.yaml"
     recipe.write_text(json.dumps({
         "method": "dpo", "output_dir": str(out), "model": {"name_or_path": model},
         "adapter": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
         "data": {"train": [{"path": str(PREFS)}], "max_length": 512},
-        "train": {"max_steps": steps, "batch_size": 4, "learning_rate": 1e-6, "logging_steps": 1,
-                  "precision": precision},
+        "train": {"max_steps": steps, "batch_size": 4, "learning_rate": 1e-6, "logging_steps": 1},
     }))
     _, wall, rss = timed([sys.executable, "-m", "llmtune", "train", str(recipe)], env)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -91,10 +72,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results", help="Folder for the JSON.")
     args = parser.parse_args()
 
-    from llmtune.builtin_models import ensure_builtin
-
-    model_dir = ensure_builtin(args.model.removeprefix("builtin:")) if args.model.startswith("builtin:") else Path(
-        args.model)
+    model_dir = model_folder(args.model)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     data_dir = work / "prefs"
@@ -107,13 +85,10 @@ def main() -> None:
                 row[side] = [{"role": "assistant", "content": row[side]}]
             target.write(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
 
-    # trl's defaults autocast to bf16 where supported (AMX CPUs, most GPUs); llmtune's `auto` trains fp32 on CPU,
-    # so llmtune is also run with `precision: bf16` to separate the precision choice from the rest.
-    results: dict[str, list[dict]] = {"trl dpo (defaults)": [], "llmtune": [], "llmtune bf16": []}
+    results: dict[str, list[dict]] = {"trl dpo (defaults)": [], "llmtune": []}
     for i in range(args.rounds):
         results["trl dpo (defaults)"].append(run_trl(model_dir, data_dir, work / f"trl-{i}", args.steps, env))
         results["llmtune"].append(run_llmtune(args.model, work / f"llmtune-{i}", args.steps, env))
-        results["llmtune bf16"].append(run_llmtune(args.model, work / f"bf16-{i}", args.steps, env, "bf16"))
 
     summary = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
     trl = summary["trl dpo (defaults)"]
@@ -127,11 +102,8 @@ def main() -> None:
               f"{row['final_loss']:>12.4f}")
     for name, ratio in ratios.items():
         print(f"{name} / trl: steps/s x{ratio['steps_per_s']:.2f}, peak RSS x{ratio['peak_rss']:.2f}")
-    out = args.results
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dpo_vs_trl.json").write_text(json.dumps(
-        {"model": args.model, "steps": args.steps, "rounds": results, "summary": summary,
-         "ratios_vs_trl": ratios}, indent=2))
+    write_results("dpo_vs_trl", args.results, {"model": args.model, "steps": args.steps, "rounds": results,
+                                              "summary": summary, "ratios_vs_trl": ratios})
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -39,7 +39,8 @@ class ModelSection(Section):
     gguf_file: str | None = None
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # auto: sdpa, except in CPU training on short rows, where eager is faster (llmtune/train/speed.py)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False
     # A Jinja chat template file that replaces the tokenizer's own (relative to the recipe's folder).
     chat_template: Path | None = None
@@ -110,11 +111,14 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"
+    # auto: bf16 autocast where the GPU or CPU computes in bf16 natively (AVX512-BF16, AMX), else fp32
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
+    # auto: on only when training without it would not fit in memory (the decision is logged)
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
     # Batches of rows of similar length (transformers' LengthGroupedSampler, still shuffled): far less padding
     # when row lengths vary (short answers next to multiple-choice rows), so more rows per second.
-    group_by_length: bool = False
+    # None: on for sft, off for preference methods (their rows are pairs).
+    group_by_length: bool | None = None
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0)
     # Checkpoints (atomic; resume picks the newest complete one). None: only at the end and on SIGTERM.

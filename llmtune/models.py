@@ -96,7 +96,8 @@ def load_model(
         "revision": section.revision,
         "trust_remote_code": section.trust_remote_code,
         "dtype": resolve_dtype(section),
-        "attn_implementation": section.attn_implementation,
+        # `auto` is decided per training run (llmtune/train/speed.py); everything else runs sdpa.
+        "attn_implementation": "sdpa" if section.attn_implementation == "auto" else section.attn_implementation,
         "use_safetensors": None if source.gguf_file else True,  # never unpickle weights we did not write
     }
     bnb = quantization_config(quantization)

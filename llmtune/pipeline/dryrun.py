@@ -39,11 +39,18 @@ def _memory_line(recipe: PipelineRecipe, stage: str, train: Recipe, config: Any,
     sft = train if stage == "sft" else _sft_recipe(recipe)  # dpo continues the sft run's adapter and base
     adapter, quantization = sft.adapter, sft.quantization
     shape = model_shape(config, adapter.r if adapter else None, adapter.target_modules if adapter else "all-linear")
-    result = estimate(shape, dtype=recipe.model.dtype, load_in=quantization.load_in if quantization else None,
-                      batch_size=train.train.batch_size, max_length=train.data.max_length or 1024,
-                      gradient_checkpointing=train.train.gradient_checkpointing, optimizer=train.train.optimizer,
-                      sequences_per_row=1 if stage == "sft" else 2, shards=shards)
     budget = recipe.pipeline.gpu_memory_gb
+    checkpointing = train.train.gradient_checkpointing
+
+    def needed(with_checkpointing: bool):
+        return estimate(shape, dtype=recipe.model.dtype, load_in=quantization.load_in if quantization else None,
+                        batch_size=train.train.batch_size, max_length=train.data.max_length or 1024,
+                        gradient_checkpointing=with_checkpointing, optimizer=train.train.optimizer,
+                        sequences_per_row=1 if stage == "sft" else 2, shards=shards)
+
+    result = needed(checkpointing is True)
+    if checkpointing == "auto" and budget is not None and result.total_gb > budget:
+        result = needed(True)  # what `auto` turns on when the run starts and finds too little memory
     params = f"{shape.total_params / 1e9:.2f}B" if shape.total_params >= 1e9 else f"{shape.total_params / 1e6:.1f}M"
     line = (f"{stage}: {recipe.model.name_or_path} ({params} params"
             f"{', ' + quantization.load_in if quantization else ''}, LoRA {shape.lora_params / 1e6:.1f}M trainable): "

@@ -10,6 +10,7 @@ from trl import DPOConfig, KTOConfig, SFTConfig
 
 from llmtune.config import Recipe
 from llmtune.errors import LlmtuneError
+from llmtune.train.speed import resolve_precision
 
 # transformers 5 renamed gradient_checkpointing to activation_checkpointing, but TRL 1.16 still sets the old
 # name itself, so the warning fires whatever we pass. Drop this filter when TRL uses the new name.
@@ -21,18 +22,23 @@ class PrecisionError(LlmtuneError, ValueError):
 
 
 def mixed_precision(recipe: Recipe) -> dict[str, bool]:
-    """`auto`: bf16 autocast on GPUs that support it, fp32 elsewhere (numerics checked against fp32 first)."""
-    precision = recipe.train.precision
+    """`auto`: bf16 autocast where GPU or CPU computes bf16 natively, fp32 elsewhere (llmtune/train/speed.py)."""
+    precision = resolve_precision(recipe.train.precision)
     on_gpu = torch.cuda.is_available()
-    if precision == "auto":
-        precision = "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and not on_gpu:
         raise PrecisionError("train.precision: fp16 mixed precision needs a GPU; use bf16 or fp32 on CPU")
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def common_args(recipe: Recipe, output_dir: Path, has_validation: bool) -> dict:
-    """TrainingArguments every method shares; each default llmtune changes from TRL's is set here."""
+def group_by_length(recipe: Recipe) -> bool:
+    """Unset: on for SFT (rows of mixed lengths pad far less), off for pairs (TRL's KTO needs its own order)."""
+    setting = recipe.train.group_by_length
+    return setting if setting is not None else recipe.method == "sft"
+
+
+def common_args(recipe: Recipe, output_dir: Path, has_validation: bool, gradient_checkpointing: bool) -> dict:
+    """TrainingArguments every method shares; each default llmtune changes from TRL's is set here.
+    `gradient_checkpointing` is the decision for this model and data (speed.decide_gradient_checkpointing)."""
     train = recipe.train
     eval_strategy = "steps" if train.eval_steps else ("epoch" if has_validation else "no")
     return dict(
@@ -52,11 +58,11 @@ def common_args(recipe: Recipe, output_dir: Path, has_validation: bool) -> dict:
         optim=train.optimizer,
         **mixed_precision(recipe),
         use_cpu=not torch.cuda.is_available(),
+        # Only when on: each TRL config has its own default (KTO's is "sequential").
+        **({"train_sampling_strategy": "group_by_length"} if group_by_length(recipe) else {}),
         # TRL turns checkpointing on by default; it costs ~30% speed and is only needed when memory is short.
-        # Only when asked: each TRL config has its own default (KTO's is "sequential").
-        **({"train_sampling_strategy": "group_by_length"} if train.group_by_length else {}),
-        gradient_checkpointing=train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         logging_steps=train.logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,
@@ -72,9 +78,9 @@ def common_args(recipe: Recipe, output_dir: Path, has_validation: bool) -> dict:
     )
 
 
-def sft_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> SFTConfig:
+def sft_config(recipe: Recipe, output_dir: Path, has_validation: bool, gradient_checkpointing: bool) -> SFTConfig:
     return SFTConfig(
-        **common_args(recipe, output_dir, has_validation),
+        **common_args(recipe, output_dir, has_validation, gradient_checkpointing),
         # Data arrives tokenized, masked and truncated (llmtune/data/tokenize.py); TRL only packs and collates.
         max_length=recipe.data.max_length if recipe.data.packing else None,
         packing=recipe.data.packing,
@@ -85,10 +91,10 @@ def sft_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> SFTCon
     )
 
 
-def dpo_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> DPOConfig:
+def dpo_config(recipe: Recipe, output_dir: Path, has_validation: bool, gradient_checkpointing: bool) -> DPOConfig:
     section = recipe.preference
     return DPOConfig(
-        **common_args(recipe, output_dir, has_validation),
+        **common_args(recipe, output_dir, has_validation, gradient_checkpointing),
         beta=section.beta,
         loss_type=[section.loss_type],
         precompute_ref_log_probs=section.precompute_ref_log_probs,
@@ -97,21 +103,21 @@ def dpo_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> DPOCon
     )
 
 
-def kto_config(recipe: Recipe, output_dir: Path, has_validation: bool) -> KTOConfig:
+def kto_config(recipe: Recipe, output_dir: Path, has_validation: bool, gradient_checkpointing: bool) -> KTOConfig:
     section = recipe.preference
     return KTOConfig(
-        **common_args(recipe, output_dir, has_validation),
+        **common_args(recipe, output_dir, has_validation, gradient_checkpointing),
         beta=section.beta,
         precompute_ref_log_probs=section.precompute_ref_log_probs,
         max_length=recipe.data.max_length,
     )
 
 
-def orpo_config(recipe: Recipe, output_dir: Path, has_validation: bool):
+def orpo_config(recipe: Recipe, output_dir: Path, has_validation: bool, gradient_checkpointing: bool):
     from llmtune.train.experimental import ORPOConfig
 
     return ORPOConfig(
-        **common_args(recipe, output_dir, has_validation),
+        **common_args(recipe, output_dir, has_validation, gradient_checkpointing),
         beta=recipe.preference.beta,
         max_length=recipe.data.max_length,
     )

@@ -25,10 +25,20 @@ from llmtune.data.loading import load_examples, source_fingerprint
 from llmtune.data.tokenize import split_examples
 from llmtune.models import load_model, load_tokenizer
 from llmtune.train import runner
+from llmtune.train.adapter_speed import StreamlinedAdapter
 from llmtune.train.adapters import lora_config
 from llmtune.train.arguments import dpo_config, kto_config, orpo_config
 from llmtune.train.checkpoints import AtomicCheckpoints
+from llmtune.train.lm_head import LabelOnlyLMHead
 from llmtune.train.resume import ResumeMode, run_fingerprint
+from llmtune.train.sampling import ReproducibleLengthGrouping
+from llmtune.train.speed import (
+    EAGER_ATTENTION_MAX_TOKENS,
+    decide_gradient_checkpointing,
+    log_choices,
+    resolve_precision,
+    training_model,
+)
 
 log = logging.getLogger("llmtune.dpo")
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of the starting adapter
@@ -43,18 +53,20 @@ class DropReferenceAdapter:
         shutil.rmtree(Path(output_dir or self.args.output_dir) / REFERENCE_ADAPTER, ignore_errors=True)
 
 
-class LlmtuneDPOTrainer(AtomicCheckpoints, DropReferenceAdapter, DPOTrainer):
+class LlmtuneDPOTrainer(
+    AtomicCheckpoints, DropReferenceAdapter, ReproducibleLengthGrouping, LabelOnlyLMHead, StreamlinedAdapter, DPOTrainer
+):
     """TRL's DPOTrainer with atomic, hash-listed checkpoints."""
 
 
-class LlmtuneKTOTrainer(AtomicCheckpoints, DropReferenceAdapter, KTOTrainer):
+class LlmtuneKTOTrainer(AtomicCheckpoints, DropReferenceAdapter, LabelOnlyLMHead, StreamlinedAdapter, KTOTrainer):
     """TRL's KTOTrainer with atomic, hash-listed checkpoints; pairs are unpaired by TRL."""
 
 
 def _orpo_trainer_class() -> type:
     from llmtune.train.experimental import ORPOTrainer
 
-    class LlmtuneORPOTrainer(AtomicCheckpoints, ORPOTrainer):
+    class LlmtuneORPOTrainer(AtomicCheckpoints, StreamlinedAdapter, ORPOTrainer):
         """TRL's (experimental) ORPOTrainer with atomic, hash-listed checkpoints; no reference model."""
 
     return LlmtuneORPOTrainer
@@ -100,7 +112,12 @@ def build_trainer(recipe: Recipe) -> runner.Session:
     train_ds, val_ds, report, sources = preference_datasets(recipe)
     log.info("data: %d preference pairs for training, %d held out", len(train_ds), len(val_ds) if val_ds else 0)
 
-    model = load_model(recipe.model, recipe.quantization, source)
+    # Rows are tokenized by TRL later: the recipe's max_length bounds them.
+    longest = recipe.data.max_length or EAGER_ATTENTION_MAX_TOKENS + 1
+    chosen = training_model(recipe, longest)
+    log_choices(chosen, resolve_precision(recipe.train.precision))
+    model = load_model(chosen.section, recipe.quantization, source)
+    checkpointing = decide_gradient_checkpointing(recipe, model, longest)
     peft_config = lora_config(recipe.adapter)
     if from_run:
         model = PeftModel.from_pretrained(model, str(from_run), is_trainable=True)
@@ -109,7 +126,7 @@ def build_trainer(recipe: Recipe) -> runner.Session:
     trainer_class, make_args = _trainer_for(recipe.method)
     trainer = trainer_class(
         model=model,
-        args=make_args(recipe, Path(recipe.output_dir), has_validation=val_ds is not None),
+        args=make_args(recipe, Path(recipe.output_dir), val_ds is not None, checkpointing),
         train_dataset=train_ds,
         eval_dataset=val_ds,
         processing_class=tokenizer,

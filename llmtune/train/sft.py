@@ -18,16 +18,20 @@ from llmtune.data.tokenize import prepare_data
 from llmtune.distributed import process_state
 from llmtune.models import load_model, load_tokenizer
 from llmtune.train import runner
+from llmtune.train.adapter_speed import StreamlinedAdapter
 from llmtune.train.adapters import lora_config
 from llmtune.train.arguments import sft_config
 from llmtune.train.checkpoints import AtomicCheckpoints
+from llmtune.train.lm_head import LabelOnlyLMHead
 from llmtune.train.resume import ResumeMode, run_fingerprint
+from llmtune.train.sampling import ReproducibleLengthGrouping
+from llmtune.train.speed import decide_gradient_checkpointing, log_choices, resolve_precision, training_model
 
 log = logging.getLogger("llmtune.sft")
 
 
-class LlmtuneSFTTrainer(AtomicCheckpoints, SFTTrainer):
-    """TRL's SFTTrainer with atomic, hash-listed checkpoints."""
+class LlmtuneSFTTrainer(AtomicCheckpoints, ReproducibleLengthGrouping, LabelOnlyLMHead, StreamlinedAdapter, SFTTrainer):
+    """TRL's SFTTrainer with atomic, hash-listed checkpoints and the CPU fast paths."""
 
 
 def build_trainer(recipe: Recipe) -> runner.Session:
@@ -42,11 +46,16 @@ def build_trainer(recipe: Recipe) -> runner.Session:
         len(data.validation) if data.validation is not None else 0,
         "from cache" if data.from_cache else f"tokenized into {data.cache_path}",
     )
-    model = load_model(recipe.model, recipe.quantization, source)
+    # Packed rows are as long as `max_length`, whatever the examples in them.
+    longest = recipe.data.max_length if recipe.data.packing else longest_row(data.train, data.validation)
+    chosen = training_model(recipe, longest)
+    log_choices(chosen, resolve_precision(recipe.train.precision))
+    model = load_model(chosen.section, recipe.quantization, source)
+    checkpointing = decide_gradient_checkpointing(recipe, model, longest)
     guards = runner.Guards.create()
     trainer = LlmtuneSFTTrainer(
         model=model,
-        args=sft_config(recipe, Path(recipe.output_dir), has_validation=data.validation is not None),
+        args=sft_config(recipe, Path(recipe.output_dir), data.validation is not None, checkpointing),
         train_dataset=data.train.select_columns(["input_ids", "labels"]),
         eval_dataset=data.validation.select_columns(["input_ids", "labels"]) if data.validation else None,
         processing_class=tokenizer,
@@ -62,6 +71,11 @@ def main(
 ) -> Path | None:
     # Looked up at call time so that tests can wrap `build_trainer` (e.g. to inject a fault).
     return runner.run(recipe, lambda r: build_trainer(r), overwrite, resume, force_resume)
+
+
+def longest_row(*datasets) -> int:
+    """Tokens in the longest tokenized row (what the attention and memory choices depend on)."""
+    return max((max(map(len, ds["input_ids"]), default=0) for ds in datasets if ds is not None), default=0)
 
 
 def chat_template_for_training(recipe: Recipe, tokenizer) -> str | None:

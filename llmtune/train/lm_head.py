@@ -1,0 +1,93 @@
+"""Score only the positions that carry a label on devices without Triton (CPU).
+
+TRL 1.16's fused LM head (`trl.trainer.utils.add_fused_lm_head`) projects only the labelled positions through the
+LM head on Triton devices, but every position elsewhere, through a tiled fp32 kernel written for GPUs: on a CPU,
+with a 49k vocabulary and loss on the answers only, that head took ~45% of a SmolLM2 training step.
+
+This replacement keeps TRL's contract: `model(..., labels=, fused_lm_head=True)` returns a `FusedCausalLMOutput`
+with per-token `log_probs`, `entropy`, `log_sum_sq_probs`, `mean_logits`, `is_top1` and `label_mask`, zero on
+ignored positions, so TRL's trainers and metrics are unchanged. It gathers the labelled hidden states first and
+projects only those, in the head's own dtype (bf16 under autocast), with a float32 log-softmax like
+transformers' own loss. Models the TRL head treats specially (softcapped or scaled logits, MoE router losses)
+keep TRL's forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from accelerate.utils import is_peft_model
+from torch.utils.checkpoint import checkpoint
+from trl.trainer.utils import FusedCausalLMOutput
+
+# Rows of [rows, vocab] float32 log-probs kept at once: 2048 x 49k is 400 MB. Larger batches are scored in
+# chunks whose log-probs are recomputed in the backward pass instead of stored.
+CHUNK_ROWS = 2048
+OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # FusedCausalLMOutput fields
+
+
+class LabelOnlyLMHead:
+    """Trainer mixin for TRL trainers that patch a fused LM head (SFT, DPO, KTO): replaces it once installed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        install_label_only_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+
+
+def install_label_only_lm_head(model: torch.nn.Module) -> bool:
+    """Wrap the TRL-patched forward of `model` (the causal LM, not its PEFT wrapper); False when not applicable."""
+    config = model.config.get_text_config()
+    special = (
+        getattr(config, "final_logit_softcapping", None),
+        getattr(config, "logit_scale", None),
+        getattr(config, "output_multiplier", None),
+        getattr(config, "lm_head_multiplier", None),
+        getattr(config, "logits_scaling", None),
+    )
+    if any(value not in (None, 1, 1.0) for value in special) or getattr(config, "output_router_logits", False):
+        return False
+    fused_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        head = self.get_output_embeddings()
+        if not fused_lm_head or labels is None or shift_labels is not None or head.weight.device.type != "cpu":
+            return fused_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                                 num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = labels[:, 1:]
+        mask = labels != -100
+        scores = _score_labelled(head, hidden[mask], labels[mask])
+        per_token = {name: torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_scatter(mask, x)
+                     for name, x in zip(OUTPUTS, scores, strict=True)}
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(loss=-per_token["log_probs"].sum() / count, label_mask=mask, **per_token)
+
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
+def _score_labelled(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per labelled row, in OUTPUTS order; only the target log-prob carries a gradient (TRL's trainers use the
+    others detached, as metrics or WPO weights)."""
+    if hidden.shape[0] <= CHUNK_ROWS:
+        return _score_chunk(head, hidden, targets)
+    parts = [checkpoint(_score_chunk, head, h, t, use_reentrant=False)
+             for h, t in zip(hidden.split(CHUNK_ROWS), targets.split(CHUNK_ROWS), strict=True)]
+    return tuple(torch.cat(values) for values in zip(*parts, strict=True))
+
+
+def _score_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    logits = head(hidden).float()
+    log_probs = logits.log_softmax(-1)
+    target_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        probs = log_probs.exp()
+        entropy = -(probs * log_probs).sum(-1)
+        log_sum_sq_probs = (2 * log_probs).logsumexp(-1)
+        mean_logits = logits.mean(-1)
+        is_top1 = log_probs.argmax(-1) == targets
+    return target_log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1
