@@ -154,7 +154,7 @@ def _parameters(model_dir: Path) -> int:
     total = 0
     for file in model_dir.glob("*.safetensors"):
         with safe_open(str(file), "pt") as handle:
-            total += sum(_numel(handle.get_slice(key).get_shape()) for key in handle)
+            total += sum(_numel(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118 (not a dict)
     return total
 
 

@@ -46,7 +46,8 @@ def _runnable(command: str, out: Path, sft_run: Path | None) -> str:
         return command.replace(".venv/bin/", f"{BIN}/")
     if command.startswith(".venv/bin/python benchmarks/"):  # the same script on the tiny model, in seconds
         command = re.sub(r" --\S+ \d+", "", command) + f" --model builtin:tiny --results {shlex.quote(str(out))}"
-        small = {"dpo_vs_trl": " --steps 2 --rounds 1", "eval_vs_lm_eval": " --items 8 --rounds 1"}
+        small = {"dpo_vs_trl": " --steps 2 --rounds 1", "eval_vs_lm_eval": " --items 8 --rounds 1",
+                 "sft_vs_trl": " --epochs 1 --rounds 1"}
         command += next((v for k, v in small.items() if k in command), " --requests 4 --tokens 4")
     if " run recipes/" in command:  # the pipeline: its tiny variant; the GPU recipes' dry run as it is
         command = command.replace("cpu-smollm2.yaml", "tiny.yaml").replace(".venv/bin/", f"{BIN}/")

@@ -32,13 +32,7 @@ from llmtune.train.checkpoints import AtomicCheckpoints
 from llmtune.train.lm_head import LabelOnlyLMHead
 from llmtune.train.resume import ResumeMode, run_fingerprint
 from llmtune.train.sampling import ReproducibleLengthGrouping
-from llmtune.train.speed import (
-    EAGER_ATTENTION_MAX_TOKENS,
-    decide_gradient_checkpointing,
-    log_choices,
-    resolve_precision,
-    training_model,
-)
+from llmtune.train.speed import decide_gradient_checkpointing, log_choices, resolve_precision, training_model
 
 log = logging.getLogger("llmtune.dpo")
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of the starting adapter
@@ -112,8 +106,7 @@ def build_trainer(recipe: Recipe) -> runner.Session:
     train_ds, val_ds, report, sources = preference_datasets(recipe)
     log.info("data: %d preference pairs for training, %d held out", len(train_ds), len(val_ds) if val_ds else 0)
 
-    # Rows are tokenized by TRL later: the recipe's max_length bounds them.
-    longest = recipe.data.max_length or EAGER_ATTENTION_MAX_TOKENS + 1
+    longest = longest_pair(train_ds, val_ds, tokenizer, recipe.data.max_length)
     chosen = training_model(recipe, longest)
     log_choices(chosen, resolve_precision(recipe.train.precision))
     model = load_model(chosen.section, recipe.quantization, source)
@@ -135,6 +128,17 @@ def build_trainer(recipe: Recipe) -> runner.Session:
         run_info=run_fingerprint(recipe, sources),
     )
     return runner.Session(trainer, tokenizer, None, report, sources, guards)
+
+
+def longest_pair(train: Dataset, validation: Dataset | None, tokenizer, max_length: int | None) -> int:
+    """Tokens in the longest prompt + answer as the chat template renders it (TRL tokenizes the pairs later)."""
+    longest = 0
+    for dataset in (train, validation):
+        for row in dataset if dataset is not None else []:
+            for side in ("chosen", "rejected"):
+                text = tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=False)
+                longest = max(longest, len(tokenizer(text, add_special_tokens=False).input_ids))
+    return min(longest, max_length) if max_length else longest
 
 
 def main(
