@@ -153,6 +153,28 @@ def test_stage_dependencies_are_checked(tmp_path):
 # ------------------------------------------------------------------------------------------- the real pipeline
 
 
+def test_retraining_the_sft_adapter_regenerates_the_on_policy_answers(tmp_path):
+    """The prefs journal holds the SFT adapter's own answers: a retrained adapter at the same path must not
+    reuse them (it did: the fingerprint named the folder, not its weights)."""
+    from llmtune.pipeline import sections
+    from llmtune.synth.run import generation_fingerprint
+
+    recipe = load_pipeline(TINY, [f"pipeline.output_dir={tmp_path / 'out'}"])
+    (tmp_path / "out" / "synth").mkdir(parents=True)
+    (tmp_path / "out" / "synth" / "sft.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "What class is metformin?"}, {"role": "assistant", "content": "A biguanide."}]}))
+    sft = tmp_path / "out" / "sft"
+    sft.mkdir()
+    (sft / "adapter_config.json").write_text("{}")
+    (sft / "adapter_model.safetensors").write_bytes(b"first adapter")
+    first = generation_fingerprint(sections.build_prefs(recipe))
+    (sft / "manifest.json").write_text('{"train_seconds": 12.5}')  # run bookkeeping: answers unchanged
+    (sft / "checkpoint-4").mkdir()
+    assert generation_fingerprint(sections.build_prefs(recipe)) == first
+    (sft / "adapter_model.safetensors").write_bytes(b"retrained adapter")
+    assert generation_fingerprint(sections.build_prefs(recipe)) != first
+
+
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline") / "out"

@@ -147,6 +147,9 @@ def _finish_preferences(outcome: Outcome, pairs: list[Record], eval_index: EvalI
 # ------------------------------------------------------------------------------------------ state and outputs
 
 
+WEIGHT_SUFFIXES = {".safetensors", ".gguf", ".bin", ".jinja"}
+
+
 def generation_fingerprint(section: SynthSection) -> str:
     """What the journal's items depend on: seed, teachers, methods, their input files and the prompt templates.
     Filters, decontamination and the system prompt are applied afterwards and may change freely."""
@@ -163,7 +166,24 @@ def _teacher_identity(teacher: TeacherSection | None) -> dict[str, Any] | None:
     if teacher is None:
         return None
     # How fast and how patiently we ask does not change what is written.
-    return teacher.model_dump(mode="json", exclude={"max_concurrency", "timeout_s", "max_retries", "base_url"})
+    described = teacher.model_dump(mode="json", exclude={"max_concurrency", "timeout_s", "max_retries", "base_url"})
+    if teacher.kind == "local" and teacher.path and Path(teacher.path).exists():
+        # A retrained policy at the same path writes different answers (on-policy preference pairs).
+        described["weights"] = _weights_hash(Path(teacher.path))
+    return described
+
+
+def _weights_hash(path: Path) -> str:
+    """What a local model or run folder generates with: weights, configs, tokenizer, chat template (top level
+    only: checkpoints, manifests and model cards do not change the answers)."""
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.is_file() and (file.suffix in WEIGHT_SUFFIXES or file.name.endswith("config.json")
+                               or file.name.startswith("tokenizer")):
+            digest.update(file.name.encode() + file_sha256(file).encode())
+    return digest.hexdigest()
 
 
 def _method_identity(method: Any) -> dict[str, Any]:
