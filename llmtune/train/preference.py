@@ -23,7 +23,7 @@ from llmtune.config import Recipe
 from llmtune.data.formats import to_preference
 from llmtune.data.loading import load_examples, source_fingerprint
 from llmtune.data.tokenize import split_examples
-from llmtune.models import load_model, load_tokenizer
+from llmtune.models import load_tokenizer
 from llmtune.train import runner
 from llmtune.train.adapter_speed import StreamlinedAdapter
 from llmtune.train.adapters import lora_config
@@ -32,7 +32,7 @@ from llmtune.train.checkpoints import AtomicCheckpoints
 from llmtune.train.lm_head import LabelOnlyLMHead
 from llmtune.train.resume import ResumeMode, run_fingerprint
 from llmtune.train.sampling import ReproducibleLengthGrouping
-from llmtune.train.speed import decide_gradient_checkpointing, log_choices, resolve_precision, training_model
+from llmtune.train.speed import load_training_model
 
 log = logging.getLogger("llmtune.dpo")
 REFERENCE_ADAPTER = "ref"  # the name TRL gives the frozen copy of the starting adapter
@@ -107,10 +107,7 @@ def build_trainer(recipe: Recipe) -> runner.Session:
     log.info("data: %d preference pairs for training, %d held out", len(train_ds), len(val_ds) if val_ds else 0)
 
     longest = longest_pair(train_ds, val_ds, tokenizer, recipe.data.max_length)
-    chosen = training_model(recipe, longest)
-    log_choices(chosen, resolve_precision(recipe.train.precision))
-    model = load_model(chosen.section, recipe.quantization, source)
-    checkpointing = decide_gradient_checkpointing(recipe, model, longest)
+    model, checkpointing = load_training_model(recipe, source, longest)
     peft_config = lora_config(recipe.adapter)
     if from_run:
         model = PeftModel.from_pretrained(model, str(from_run), is_trainable=True)

@@ -16,7 +16,7 @@ from llmtune.chat_template import stop_token_trained, training_chat_template
 from llmtune.config import Recipe
 from llmtune.data.tokenize import prepare_data
 from llmtune.distributed import process_state
-from llmtune.models import load_model, load_tokenizer
+from llmtune.models import load_tokenizer
 from llmtune.train import runner
 from llmtune.train.adapter_speed import StreamlinedAdapter
 from llmtune.train.adapters import lora_config
@@ -25,7 +25,7 @@ from llmtune.train.checkpoints import AtomicCheckpoints
 from llmtune.train.lm_head import LabelOnlyLMHead
 from llmtune.train.resume import ResumeMode, run_fingerprint
 from llmtune.train.sampling import ReproducibleLengthGrouping
-from llmtune.train.speed import decide_gradient_checkpointing, log_choices, resolve_precision, training_model
+from llmtune.train.speed import load_training_model
 
 log = logging.getLogger("llmtune.sft")
 
@@ -48,10 +48,7 @@ def build_trainer(recipe: Recipe) -> runner.Session:
     )
     # Packed rows are as long as `max_length`, whatever the examples in them.
     longest = recipe.data.max_length if recipe.data.packing else longest_row(data.train, data.validation)
-    chosen = training_model(recipe, longest)
-    log_choices(chosen, resolve_precision(recipe.train.precision))
-    model = load_model(chosen.section, recipe.quantization, source)
-    checkpointing = decide_gradient_checkpointing(recipe, model, longest)
+    model, checkpointing = load_training_model(recipe, source, longest)
     guards = runner.Guards.create()
     trainer = LlmtuneSFTTrainer(
         model=model,

@@ -111,5 +111,12 @@ def available_memory_gb() -> float:
     return psutil.virtual_memory().available / GB
 
 
-def log_choices(model: TrainingModel, precision: str) -> None:
-    log.info("precision %s%s", precision, "".join(f"; {reason}" for reason in model.reasons))
+def load_training_model(recipe: Recipe, source, longest_row: int) -> tuple[torch.nn.Module, bool]:
+    """The base model as training should load it, and whether to checkpoint activations; both logged."""
+    from llmtune.models import load_model
+
+    chosen = training_model(recipe, longest_row)
+    precision = resolve_precision(recipe.train.precision)
+    log.info("precision %s%s", precision, "".join(f"; {reason}" for reason in chosen.reasons))
+    model = load_model(chosen.section, recipe.quantization, source)
+    return model, decide_gradient_checkpointing(recipe, model, longest_row)
