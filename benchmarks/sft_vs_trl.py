@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -154,15 +155,8 @@ def _parameters(model_dir: Path) -> int:
     total = 0
     for file in model_dir.glob("*.safetensors"):
         with safe_open(str(file), "pt") as handle:
-            total += sum(_numel(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118 (not a dict)
+            total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())  # noqa: SIM118
     return total
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 if __name__ == "__main__":

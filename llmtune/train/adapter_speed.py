@@ -36,22 +36,25 @@ def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -
     return keep, 2**_LANE_BITS / threshold
 
 
+def _dropout_factor(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The mask times the scale, in `x`'s dtype: what dropout multiplies `x` by (same seed, same factor)."""
+    keep, scale = dropout_mask(x.shape, p, seed, x.device)
+    return keep.to(x.dtype) * scale
+
+
 class _DropoutLinear(torch.autograd.Function):
     """`F.linear(dropout(x), weight)`, keeping only `x` (shared with sibling layers) and the mask's seed."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-        keep, scale = dropout_mask(x.shape, p, seed, x.device)
-        compute_weight = weight.to(x.dtype)
         ctx.save_for_backward(x, weight)
         ctx.p, ctx.seed = p, seed
-        return F.linear(x * (keep.to(x.dtype) * scale), compute_weight)
+        return F.linear(x * _dropout_factor(x, p, seed), weight.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        keep, scale = dropout_mask(x.shape, ctx.p, ctx.seed, x.device)
-        factor = keep.to(x.dtype) * scale
+        factor = _dropout_factor(x, ctx.p, ctx.seed)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_out @ weight.to(grad_out.dtype)) * factor
