@@ -98,6 +98,8 @@ def train(
     _setup_logging()
     if resolved.method in ("dpo", "orpo", "kto"):
         from llmtune.train import preference as method
+    elif resolved.task == "classification":
+        from llmtune.train import classification as method
     else:
         from llmtune.train import sft as method
 

@@ -61,6 +61,9 @@ class AdapterSection(Section):
     rslora: bool = False
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     modules_to_save: list[str] = []
+    # LoRA on these transformer blocks only (0 = the first; negative counts from the last), peft's
+    # `layers_to_transform`. None: every block.
+    layers: list[int] | None = Field(None, min_length=1)
 
 
 DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "preference"]
@@ -100,6 +103,20 @@ class DataSection(Section):
         return self
 
 
+class EarlyStoppingSection(Section):
+    """Stop when the validation metric has not improved for `patience` evaluations; the best checkpoint is the
+    one saved (transformers' EarlyStoppingCallback with load_best_model_at_end)."""
+
+    metric: str = "eval_loss"  # any metric the validation pass reports (`loss` and `eval_loss` are the same)
+    mode: Literal["min", "max"] | None = None  # None: min for a loss, max for anything else
+    patience: int = Field(3, ge=1)  # evaluations without improvement before stopping
+    min_delta: float = Field(0.0, ge=0)  # an improvement smaller than this does not count
+
+    @property
+    def greater_is_better(self) -> bool:
+        return self.mode == "max" if self.mode else not self.metric.removeprefix("eval_").endswith("loss")
+
+
 class TrainSection(Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
@@ -126,6 +143,54 @@ class TrainSection(Section):
     save_total_limit: int = Field(2, ge=1)
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
     dataloader_num_workers: int = Field(0, ge=0)
+    early_stopping: EarlyStoppingSection | None = None
+    # Save the checkpoint with the best validation metric as the run's output (always on with early_stopping).
+    keep_best: bool = False
+
+    @property
+    def selects_best(self) -> bool:
+        return self.keep_best or self.early_stopping is not None
+
+
+class GradualUnfreezing(Section):
+    """Train the top blocks first, then unfreeze `blocks_per_phase` more blocks (downwards) every `every`
+    steps or epochs (ULMFiT's gradual unfreezing)."""
+
+    every: int = Field(gt=0)
+    unit: Literal["steps", "epochs"] = "steps"
+    start_blocks: int = Field(1, gt=0)  # blocks trainable in the first phase, counted from the last
+    blocks_per_phase: int = Field(1, gt=0)
+
+
+class FreezeSection(Section):
+    """Which transformer blocks train. Parameters outside the blocks (embeddings, final norm, LM head) stay
+    frozen in full fine-tuning; a classification head and `adapter.modules_to_save` always train."""
+
+    # Full fine-tuning (no adapter) of the last N blocks only; the rest of the network is frozen.
+    train_last_blocks: int | None = Field(None, gt=0)
+    gradual: GradualUnfreezing | None = None
+
+    @model_validator(mode="after")
+    def _rules(self) -> FreezeSection:
+        if self.train_last_blocks is None and self.gradual is None:
+            raise ValueError("give `train_last_blocks` or `gradual` (or remove the `freeze:` section)")
+        return self
+
+
+class ClassificationSection(Section):
+    """`task: classification`: a new head over the pretrained body predicts one of `labels` for each row."""
+
+    labels: list[str] = Field(min_length=2)
+    text_field: str = "text"
+    label_field: str = "label"
+    # normal: N(0, initializer_range²), as transformers initialises a new head; zeros: every class starts equal
+    head_init: Literal["normal", "zeros"] = "normal"
+
+    @model_validator(mode="after")
+    def _rules(self) -> ClassificationSection:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("`labels` must be unique")
+        return self
 
 
 class PreferenceSection(Section):
@@ -143,6 +208,8 @@ class PreferenceSection(Section):
 
 class Recipe(Section):
     method: Literal["sft", "dpo", "orpo", "kto"] = "sft"
+    # causal_lm: the model learns to write the answers; classification: a head predicts one label per row
+    task: Literal["causal_lm", "classification"] = "causal_lm"
     output_dir: Path
     seed: int = 42
     model: ModelSection
@@ -151,9 +218,13 @@ class Recipe(Section):
     data: DataSection
     train: TrainSection = TrainSection()
     preference: PreferenceSection = PreferenceSection()
+    freeze: FreezeSection | None = None
+    classification: ClassificationSection | None = None
 
     @model_validator(mode="after")
     def _rules(self) -> Recipe:
+        self._check_task()
+        self._check_selection()
         from_run = self.preference.from_run
         if from_run is not None and self.method == "sft":
             raise ValueError("`preference.from_run` is only used with a preference method (dpo, orpo, kto)")
@@ -182,6 +253,34 @@ class Recipe(Section):
         if self.adapter and self.adapter.kind == "dora" and self.quantization and self.quantization.load_in == "8bit":
             raise ValueError("DoRA is not supported on 8-bit bases by peft; use `load_in: 4bit` or `kind: lora`")
         return self
+
+    def _check_task(self) -> None:
+        if self.task == "classification":
+            if self.classification is None:
+                raise ValueError("`task: classification` needs a `classification:` section with its `labels`")
+            if self.method != "sft":
+                raise ValueError("`task: classification` trains with `method: sft` (supervised labels)")
+            if self.data.packing:
+                raise ValueError("`data.packing` does not apply to `task: classification` (one label per row)")
+        elif self.classification is not None:
+            raise ValueError("a `classification:` section needs `task: classification`")
+        freeze = self.freeze
+        if freeze is not None and freeze.train_last_blocks is not None and self.adapter is not None:
+            raise ValueError("`freeze.train_last_blocks` is full fine-tuning of those blocks: remove the `adapter:` "
+                             "section, or put LoRA on chosen blocks with `adapter.layers`")
+        if freeze is not None and (self.method != "sft" or self.preference.from_run is not None):
+            raise ValueError("`freeze:` applies to `method: sft`")
+
+    def _check_selection(self) -> None:
+        train = self.train
+        if not train.selects_best:
+            return
+        what = "train.early_stopping" if train.early_stopping else "train.keep_best"
+        if not (self.data.validation or self.data.validation_fraction):
+            raise ValueError(f"`{what}` needs validation data: set `data.validation` or `data.validation_fraction`")
+        if train.save_steps and train.eval_steps and train.save_steps % train.eval_steps:
+            raise ValueError(f"`{what}` saves a checkpoint at each evaluation: `train.save_steps` "
+                             f"({train.save_steps}) must be a multiple of `train.eval_steps` ({train.eval_steps})")
 
 
 # --------------------------------------------------------------------------------------------- loading
