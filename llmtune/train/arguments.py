@@ -10,6 +10,7 @@ from trl import DPOConfig, KTOConfig, SFTConfig
 
 from llmtune.config import Recipe
 from llmtune.errors import LlmtuneError
+from llmtune.train.selection import selection_args
 from llmtune.train.speed import resolve_precision
 
 # transformers 5 renamed gradient_checkpointing to activation_checkpointing, but TRL 1.16 still sets the old
@@ -41,7 +42,7 @@ def common_args(recipe: Recipe, output_dir: Path, has_validation: bool, gradient
     `gradient_checkpointing` is the decision for this model and data (speed.decide_gradient_checkpointing)."""
     train = recipe.train
     eval_strategy = "steps" if train.eval_steps else ("epoch" if has_validation else "no")
-    return dict(
+    args = dict(
         output_dir=str(output_dir),
         seed=recipe.seed,
         data_seed=recipe.seed,
@@ -76,6 +77,7 @@ def common_args(recipe: Recipe, output_dir: Path, has_validation: bool, gradient
         dataloader_num_workers=train.dataloader_num_workers,
         ddp_find_unused_parameters=False,
     )
+    return args | selection_args(train, eval_strategy)  # checkpoint at each evaluation when keeping the best
 
 
 def sft_config(recipe: Recipe, output_dir: Path, has_validation: bool, gradient_checkpointing: bool) -> SFTConfig:

@@ -111,9 +111,11 @@ def finalize_checkpoint(staged: Path, final: Path, run_info: dict[str, Any]) -> 
     _fsync_dir(final.parent)
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> None:
+def prune_checkpoints(output_dir: Path, keep: int, protect: Path | None = None) -> None:
+    """Keep the newest `keep` checkpoints, and `protect` (the best one, when keeping the best) whatever its age."""
     for old in complete_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old)
+        if protect is None or old.name != protect.name:
+            shutil.rmtree(old)
 
 
 class AtomicCheckpoints:
@@ -141,8 +143,23 @@ class AtomicCheckpoints:
         finally:
             self._staging_checkpoint = False
         self.accelerator.wait_for_everyone()
+        best = self._best_checkpoint_after_save(output_dir, name)
         if self.args.should_save:
+            if best is not None:  # the state file records where the best checkpoint will be, not the staging copy
+                self.state.save_to_json(str(output_dir / STAGING / name / "trainer_state.json"))
             finalize_checkpoint(output_dir / STAGING / name, output_dir / name, self._run_info)
             shutil.rmtree(output_dir / STAGING, ignore_errors=True)
-            prune_checkpoints(output_dir, keep=self.args.save_total_limit or 1)
+            prune_checkpoints(output_dir, keep=self.args.save_total_limit or 1, protect=best)
         self.accelerator.wait_for_everyone()
+
+    def _best_checkpoint_after_save(self, output_dir: Path, name: str) -> Path | None:
+        """transformers records the best checkpoint under the folder it wrote to, our staging folder; point it
+        at the final folder (the one being sealed now, or an older one that exists)."""
+        step = self.state.best_global_step
+        if not (self.args.load_best_model_at_end and step):
+            return None
+        best = output_dir / f"{PREFIX}{step}"
+        if best.name != name and not best.is_dir():
+            return None
+        self.state.best_model_checkpoint = str(best)
+        return best

@@ -17,6 +17,7 @@ from llmtune.models import ModelSource, resolve_source
 from llmtune.train.guards import DivergenceGuard, PreemptionGuard, ThroughputMeter
 from llmtune.train.outputs import RunStats, build_manifest, check_output_dir, write_run_outputs
 from llmtune.train.resume import ResumeMode, choose_checkpoint, prepare_output_dir
+from llmtune.train.selection import final_validation, report_selection, selection_callbacks
 
 log = logging.getLogger("llmtune.train")
 
@@ -74,6 +75,8 @@ def run(
     check_output_dir(output_dir, overwrite)
     session = build(recipe)
     trainer = session.trainer
+    for callback in selection_callbacks(recipe):
+        trainer.add_callback(callback)
     if state.is_main_process:
         prepare_output_dir(output_dir, fresh=overwrite)
     state.wait_for_everyone()
@@ -103,6 +106,8 @@ def run(
         return None
 
     history = trainer.state.log_history  # restored on resume, so it covers the whole run
+    selection = report_selection(trainer)
+    validation = final_validation(trainer, history)
     stats = RunStats(
         wall_seconds=time.perf_counter() - started,
         train_seconds=train_seconds,
@@ -117,6 +122,8 @@ def run(
     )
     if state.is_main_process:
         manifest = build_manifest(recipe, session.data_report, session.sources, stats, state.num_processes)
+        manifest["validation"] = validation  # of the saved model: the best checkpoint when keeping the best
+        manifest["train"]["best_checkpoint"] = selection
         write_run_outputs(trainer, session.tokenizer, session.template, recipe, manifest)
         log.info(
             "saved %s  (%.0f tokens/s, peak RSS %.0f MB)",
