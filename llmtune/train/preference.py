@@ -108,7 +108,7 @@ def build_trainer(recipe: Recipe) -> runner.Session:
 
     longest = longest_pair(train_ds, val_ds, tokenizer, recipe.data.max_length)
     model, checkpointing = load_training_model(recipe, source, longest)
-    peft_config = lora_config(recipe.adapter)
+    peft_config = lora_config(recipe.adapter, model)
     if from_run:
         model = PeftModel.from_pretrained(model, str(from_run), is_trainable=True)
         peft_config = None

@@ -14,6 +14,7 @@ from transformers import Trainer, set_seed
 from llmtune.config import Recipe
 from llmtune.distributed import finish, process_state, release_wrapped_model
 from llmtune.models import ModelSource, resolve_source
+from llmtune.train import freezing
 from llmtune.train.guards import DivergenceGuard, PreemptionGuard, ThroughputMeter
 from llmtune.train.outputs import RunStats, build_manifest, check_output_dir, write_run_outputs
 from llmtune.train.resume import ResumeMode, choose_checkpoint, prepare_output_dir
@@ -124,6 +125,7 @@ def run(
         manifest = build_manifest(recipe, session.data_report, session.sources, stats, state.num_processes)
         manifest["validation"] = validation  # of the saved model: the best checkpoint when keeping the best
         manifest["train"]["best_checkpoint"] = selection
+        manifest["train"]["freeze_phases"] = freezing.phase_record(trainer)  # who trained when (gradual)
         write_run_outputs(trainer, session.tokenizer, session.template, recipe, manifest)
         log.info(
             "saved %s  (%.0f tokens/s, peak RSS %.0f MB)",

@@ -17,7 +17,7 @@ from llmtune.config import Recipe
 from llmtune.data.tokenize import prepare_data
 from llmtune.distributed import process_state
 from llmtune.models import load_tokenizer
-from llmtune.train import runner
+from llmtune.train import freezing, runner
 from llmtune.train.adapter_speed import StreamlinedAdapter
 from llmtune.train.adapters import lora_config
 from llmtune.train.arguments import sft_config
@@ -30,8 +30,15 @@ from llmtune.train.speed import load_training_model
 log = logging.getLogger("llmtune.sft")
 
 
-class LlmtuneSFTTrainer(AtomicCheckpoints, ReproducibleLengthGrouping, LabelOnlyLMHead, StreamlinedAdapter, SFTTrainer):
-    """TRL's SFTTrainer with atomic, hash-listed checkpoints and the CPU fast paths."""
+class LlmtuneSFTTrainer(
+    AtomicCheckpoints,
+    freezing.GradualUnfreezingOptimizer,
+    ReproducibleLengthGrouping,
+    LabelOnlyLMHead,
+    StreamlinedAdapter,
+    SFTTrainer,
+):
+    """TRL's SFTTrainer with atomic, hash-listed checkpoints, the CPU fast paths and gradual unfreezing."""
 
 
 def build_trainer(recipe: Recipe) -> runner.Session:
@@ -56,10 +63,11 @@ def build_trainer(recipe: Recipe) -> runner.Session:
         train_dataset=data.train.select_columns(["input_ids", "labels"]),
         eval_dataset=data.validation.select_columns(["input_ids", "labels"]) if data.validation else None,
         processing_class=tokenizer,
-        peft_config=lora_config(recipe.adapter),
+        peft_config=lora_config(recipe.adapter, model),
         callbacks=guards.callbacks(),
         run_info=run_fingerprint(recipe, data.sources),
     )
+    freezing.attach(recipe, trainer)  # after TRL has put the adapter on: it decides what is trainable
     return runner.Session(trainer, tokenizer, template, data.report, data.sources, guards)
 
 
