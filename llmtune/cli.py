@@ -60,6 +60,11 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     from llmtune.config import load_recipe, read_raw_recipe, recipe_to_yaml
 
     raw = read_raw_recipe(recipe, set_)
+    if "sweep" in raw:
+        from llmtune.sweep.recipe import load_sweep
+
+        section = load_sweep(recipe, set_).section
+        err_console.print(f"sweep: {section.strategy}, {len(section.space)} fields, {section.trials} trials")
     if "synth" in raw:
         from llmtune.synth.recipe import load_synth_recipe
 
@@ -110,6 +115,49 @@ def train(
             console.print(f"[yellow]stopped[/yellow]: checkpoint saved; run the same command to resume ({recipe})")
         else:
             console.print(f"[green]done[/green] {out}")
+
+
+@app.command()
+def sweep(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    trials: Annotated[int | None, typer.Option(help="Finished trials to reach (default: sweep.trials).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start the study again: delete sweep.output_dir first.")] = False,
+) -> None:
+    """Search hyperparameters as the recipe's `sweep` section says (grid, random or TPE on Optuna, with
+    pruning); each trial is an ordinary run folder. A killed sweep continues where it stopped; two terminals
+    can work on one study. Writes the trials table, plots, and the best trial's recipe."""
+    from llmtune.sweep.recipe import load_sweep
+
+    loaded = load_sweep(recipe, set_)  # every searched range checked before any trial
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise typer.BadParameter("`llmtune sweep` runs its trials in one process; start it without accelerate")
+    _setup_logging()
+    from llmtune.sweep.report import write_sweep_report
+    from llmtune.sweep.run import SweepInterrupted, run_sweep
+
+    try:
+        study = run_sweep(loaded, overwrite=overwrite, trials=trials)
+    except SweepInterrupted as stop:
+        console.print(f"[yellow]stopped[/yellow]: {stop}")
+        return
+    summary = write_sweep_report(loaded, study)
+    _print_sweep_summary(loaded, summary)
+
+
+def _print_sweep_summary(loaded, summary: dict) -> None:
+    out = loaded.section.output_dir
+    console.print(f"{summary['trials']} trials: {out / 'results.md'}, {out / 'trials.csv'}", highlight=False,
+                  soft_wrap=True)
+    best = summary["best"]
+    if best is None:
+        console.print("[yellow]no trial completed[/yellow]")
+        return
+    values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+    console.print(f"best: trial {best['trial']}, {loaded.section.objective.metric} = {best['value']:.6g} ({values})",
+                  highlight=False, soft_wrap=True)
+    console.print(f"[green]done[/green] train it with: llmtune train {best['recipe']}", highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()
@@ -219,8 +267,8 @@ def eval_(
     ] = None,
     task: Annotated[
         list[str] | None,
-        typer.Option("--task", help="KIND:FILE with KIND mcq or generative (e.g. mcq:data/eval/mcq.jsonl); "
-                                    "repeatable. Without a recipe."),
+        typer.Option("--task", help="KIND:FILE with KIND mcq, generative or classification "
+                                    "(e.g. mcq:data/eval/mcq.jsonl); repeatable. Without a recipe."),
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write (without a recipe).")] = None,
     harness: Annotated[
@@ -285,8 +333,8 @@ def _eval_from_flags(models: list[str], tasks: list[str], output: Path | None):
     parsed_tasks = []
     for item in tasks:
         kind, sep, path = item.partition(":")
-        if not sep or kind not in ("mcq", "generative"):
-            raise typer.BadParameter(f"--task {item!r}: expected mcq:FILE or generative:FILE")
+        if not sep or kind not in ("mcq", "generative", "classification"):
+            raise typer.BadParameter(f"--task {item!r}: expected mcq:FILE, generative:FILE or classification:FILE")
         parsed_tasks.append({"name": Path(path).stem, "kind": kind, "path": path})
     from pydantic import ValidationError
 

@@ -103,6 +103,11 @@ class DataSection(Section):
         return self
 
 
+def metric_key(metric: str) -> str:
+    """The name the Trainer logs a validation metric under (`loss` -> `eval_loss`)."""
+    return metric if metric.startswith("eval_") else f"eval_{metric}"
+
+
 class EarlyStoppingSection(Section):
     """Stop when the validation metric has not improved for `patience` evaluations; the best checkpoint is the
     one saved (transformers' EarlyStoppingCallback with load_best_model_at_end)."""
@@ -289,7 +294,9 @@ class Recipe(Section):
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override (`a.b=c`), validate and resolve a recipe; raise RecipeError naming file and key."""
     path = Path(path)
-    return recipe_from_mapping(read_raw_recipe(path, overrides), path)
+    raw = read_raw_recipe(path, overrides)
+    raw.pop("sweep", None)  # a sweep's search space; training the file trains its own values (llmtune/sweep)
+    return recipe_from_mapping(raw, path)
 
 
 def recipe_from_mapping(raw: dict[str, Any], path: Path, prefix: str = "") -> Recipe:

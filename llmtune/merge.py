@@ -42,7 +42,11 @@ def run_base(run: Path) -> ModelSection:
     saved = run / "recipe.yaml"
     if not (run / "adapter_config.json").is_file() or not saved.is_file():
         raise MergeError(f"{run}: not a finished llmtune run with an adapter (adapter_config.json, recipe.yaml)")
-    section = ModelSection.model_validate(yaml.safe_load(saved.read_text())["model"])
+    recipe = yaml.safe_load(saved.read_text())
+    if recipe.get("task") == "classification":  # the base would load as a causal LM, without the trained head
+        raise MergeError(f"{run}: a classification run is used as its adapter (llmtune.inference.classifier); "
+                         "merging it is not supported")
+    section = ModelSection.model_validate(recipe["model"])
     if section.dtype == "auto":
         section = section.model_copy(update={"dtype": "float32"})
     return section

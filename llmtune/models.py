@@ -9,7 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+)
 
 from llmtune.builtin_models import ensure_builtin
 from llmtune.config import BUILTIN_PREFIX, ModelSection, QuantizationSection
@@ -89,7 +95,10 @@ def load_model(
     quantization: QuantizationSection | None = None,
     source: ModelSource | None = None,
     device_map: str | dict | None = None,
+    auto_class: type = AutoModelForCausalLM,
+    **config_overrides,
 ) -> PreTrainedModel:
+    """The model as `auto_class` (a causal LM unless told); `config_overrides` update its config (num_labels)."""
     source = source or resolve_source(section)
     kwargs = {
         "gguf_file": source.gguf_file,
@@ -99,6 +108,7 @@ def load_model(
         # `auto` is decided per training run (llmtune/train/speed.py); everything else runs sdpa.
         "attn_implementation": "sdpa" if section.attn_implementation == "auto" else section.attn_implementation,
         "use_safetensors": None if source.gguf_file else True,  # never unpickle weights we did not write
+        **config_overrides,
     }
     bnb = quantization_config(quantization)
     if bnb is not None:
@@ -107,12 +117,26 @@ def load_model(
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model = auto_class.from_pretrained(source.path, **kwargs)
     except OSError as err:
         raise ModelLoadError(_explain_load_error(section.name_or_path, err)) from None
     if bnb is not None:
         guard_bnb_cpu_kernels(model)
     return model
+
+
+def classifier_config(labels: list[str], pad_token_id: int | None) -> dict:
+    """Config overrides that turn a base model into a sequence classifier over `labels` (in this order).
+
+    The pad id is how decoder classifiers (Llama's `score` head) find each row's last real token."""
+    return {
+        "auto_class": AutoModelForSequenceClassification,
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: index for index, label in enumerate(labels)},
+        "problem_type": "single_label_classification",
+        "pad_token_id": pad_token_id,
+    }
 
 
 def _local_device() -> str | int:

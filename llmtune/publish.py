@@ -93,14 +93,23 @@ def _evaluation(report_path: Path, source: Path, model: str | None) -> tuple[dic
 def _eval_results(report: dict[str, Any], model: str) -> list[Any]:
     from huggingface_hub import EvalResult
 
-    task_types = {"mcq": "multiple-choice", "generative": "text-generation", "judge": "text-generation"}
+    task_types = {"mcq": "multiple-choice", "generative": "text-generation", "judge": "text-generation",
+                  "classification": "text-classification"}
     return [
         EvalResult(task_type=task_types[task["kind"]], task_name=task["name"], dataset_type="json",
                    dataset_name=f"{task['name']} ({Path(task['file']).name}, sha256 {task['sha256'][:16]})",
-                   metric_type=metric, metric_name=metric, metric_value=round(value["mean"], 4))
+                   metric_type=metric, metric_name=metric, metric_value=round(value, 4))
         for task in report["tasks"]
-        for metric, value in report["results"][task["name"]][model]["metrics"].items()
+        for metric, value in _headline_metrics(report["results"][task["name"]][model]).items()
     ]
+
+
+def _headline_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Each metric's mean, and a classification task's macro F1."""
+    metrics = {metric: value["mean"] for metric, value in result["metrics"].items()}
+    if result.get("classification"):
+        metrics["f1_macro"] = result["classification"]["f1_macro"]
+    return metrics
 
 
 def _comparison_table(report: dict[str, Any], model: str) -> str:
@@ -154,13 +163,14 @@ def model_card(kind: str, recipe: dict[str, Any], manifest: dict[str, Any], lice
     sources = manifest.get("data", {}).get("sources", [])
     data = manifest.get("data", {})
     clinical = any("clinical" in str(s.get("path", "")) for s in sources) or "clinical" in str(recipe)
+    labels = (recipe.get("classification") or {}).get("labels") if recipe.get("task") == "classification" else None
     card_data = ModelCardData(
         base_model=_HUB_IDS.get(base, base if not base.startswith(("builtin:", "/")) else None),
         library_name="peft" if kind == "adapter" else "transformers",
         license=license,
         tags=["llmtune", recipe.get("method", "sft"), "lora" if kind == "adapter" else "merged"]
-        + (["medical", "clinical-qa"] if clinical else []),
-        pipeline_tag="text-generation",
+        + (["medical", "clinical-qa"] if clinical else []) + (["text-classification"] if labels else []),
+        pipeline_tag="text-classification" if labels else "text-generation",
         datasets=sorted({Path(s["path"]).name for s in sources if "path" in s}) or None,
         model_name=(repo_id or "llmtune-model") if evaluation else None,
         eval_results=_eval_results(*evaluation) if evaluation else None,
@@ -176,7 +186,7 @@ def model_card(kind: str, recipe: dict[str, Any], manifest: dict[str, Any], lice
         if clinical else
         "Fine-tuned on a small, specific dataset: expect errors outside that domain, and evaluate before use."
     )
-    load = (
+    load = _classifier_load(card_data.base_model, repo_id, labels) if labels and kind == "adapter" else (
         "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
         f"base = AutoModelForCausalLM.from_pretrained({card_data.base_model or '<base model>'!r})\n"
         f"model = PeftModel.from_pretrained(base, {repo_id or '<this folder>'!r})\n"
@@ -194,7 +204,7 @@ def model_card(kind: str, recipe: dict[str, Any], manifest: dict[str, Any], lice
 # {repo_id or 'llmtune model'}
 
 A {'LoRA adapter' if kind == 'adapter' else 'merged model'} for `{base}` trained with
-[llmtune](https://pypi.org/project/llmtune/) by `{recipe.get('method', 'sft')}`.
+[llmtune](https://pypi.org/project/llmtune/) by `{recipe.get('method', 'sft')}`.{_classifier_note(labels)}
 
 ## Intended use and limitations
 
@@ -232,6 +242,30 @@ skipped while loading: {sum(v.get('rows_skipped', 0) for v in data.get('loaded',
 """
     ModelCard(content)  # parses the metadata block: fail here, not on the Hub
     return content
+
+
+def _classifier_note(labels: list[str] | None) -> str:
+    if not labels:
+        return ""
+    return ("\n\nA **sequence classifier**: a new head over the base model predicts one of "
+            f"{', '.join(f'`{label}`' for label in labels)} for each text. The head (`score`) is trained in full "
+            "and saved in `adapter_model.safetensors` with the LoRA weights (PEFT `modules_to_save`).")
+
+
+def _classifier_load(base: str | None, repo_id: str | None, labels: list[str]) -> str:
+    """Loading code for a classification adapter: the base as a classifier over the same labels, then PEFT puts
+    the trained head and LoRA weights on it."""
+    folder = repo_id or "<this folder>"
+    return (
+        "from peft import PeftModel\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
+        f"labels = {labels!r}\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({folder!r})\n"
+        f"base = AutoModelForSequenceClassification.from_pretrained({base or '<base model>'!r}, "
+        "num_labels=len(labels),\n    id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},"
+        "\n    pad_token_id=tokenizer.pad_token_id)\n"
+        f"model = PeftModel.from_pretrained(base, {folder!r})\n"
+        "print(labels[model(**tokenizer(\"...\", return_tensors=\"pt\")).logits.argmax(-1).item()])"
+    )
 
 
 def push_folder(folder: Path, repo_id: str, private: bool) -> str:

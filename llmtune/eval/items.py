@@ -29,6 +29,14 @@ class GenerativeItem:
     expected: str | None = None  # judge tasks: the behaviour the rubric checks for (e.g. "refer")
 
 
+@dataclass(frozen=True)
+class ClassificationItem:
+    id: str
+    category: str
+    text: str
+    label: str
+
+
 def read_mcq(path: Path, max_items: int | None = None) -> list[McqItem]:
     items = []
     for number, row in read_jsonl(path, objects=True):
@@ -64,6 +72,20 @@ def read_generative(path: Path, max_items: int | None = None, references_require
             raise DataError(f"{where}: `expected` must be text")
         items.append(GenerativeItem(str(row.get("id", number)), str(row.get("category", "all")), messages,
                                     tuple(references), expected))
+    return _unique(items, path)[:max_items]
+
+
+def read_classification(path: Path, max_items: int | None = None) -> list[ClassificationItem]:
+    """Rows {text, label} (and optional id, category); the labels are checked against the model's when scored."""
+    items = []
+    for number, row in read_jsonl(path, objects=True):
+        where = f"{path}: row {number}"
+        text, label = row.get("text"), row.get("label")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: `text` must be non-empty text")
+        if not isinstance(label, str) or not label:
+            raise DataError(f"{where}: `label` must be the name of a label")
+        items.append(ClassificationItem(str(row.get("id", number)), str(row.get("category", "all")), text, label))
     return _unique(items, path)[:max_items]
 
 

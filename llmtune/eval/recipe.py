@@ -24,10 +24,12 @@ class EvalModel(Section):
 class EvalTask(Section):
     name: str
     # mcq: log-likelihood of each option; generative: greedy answer vs references; judge: greedy answer graded
-    # by the `judge` model with a rubric prompt (the safety slice: `judge_prompt: judge_safety`).
-    kind: Literal["mcq", "generative", "judge"]
+    # by the `judge` model with a rubric prompt (the safety slice: `judge_prompt: judge_safety`); classification:
+    # a `task: classification` run labels each text (accuracy per item; macro F1 and confusion matrix per model).
+    kind: Literal["mcq", "generative", "judge", "classification"]
     # jsonl: mcq rows {question, choices, answer}; generative rows {question|prompt|messages, answer};
-    # judge rows {question|prompt|messages, answer (optional reference), expected (optional, for the rubric)}
+    # judge rows {question|prompt|messages, answer (optional reference), expected (optional, for the rubric)};
+    # classification rows {text, label}
     path: Path
     prompt: Literal["chat", "plain"] = "chat"  # the model's chat template, or "Question: ...\nAnswer:"
     # mcq: `cloze` scores each option's text as the answer; `letters` lists the options as A-D in the prompt and

@@ -39,16 +39,24 @@ class Comparison(BaseModel):
     only_baseline_right: int | None = None
 
 
+class ClassificationSummary(BaseModel):
+    labels: list[str]  # the order of the confusion matrix's rows and columns
+    f1_macro: float
+    f1_per_label: dict[str, float]
+    confusion_matrix: list[list[int]]  # [true label][predicted label] counts
+
+
 class Result(BaseModel):
     items: int
     metrics: dict[str, Estimate]
     by_category: dict[str, dict[str, Estimate]]
     category_items: dict[str, int]
+    classification: ClassificationSummary | None = None  # classification tasks
 
 
 class TaskInfo(BaseModel):
     name: str
-    kind: Literal["mcq", "generative", "judge"]
+    kind: Literal["mcq", "generative", "judge", "classification"]
     file: str
     sha256: str
     items: int
@@ -100,6 +108,7 @@ def build_report(section: EvalSection, items: dict[str, list[Any]],
                 by_category={c: {m: estimate([r[m] for r in rows if r["category"] == c], i)
                                  for i, m in enumerate(metrics)} for c in categories},
                 category_items={c: sum(r["category"] == c for r in rows) for c in categories},
+                classification=_classification(rows) if task.kind == "classification" else None,
             )
         baseline = results[task.name][section.baseline_name]
         for model_name, rows in results[task.name].items():
@@ -131,6 +140,12 @@ def _compare(metric: str, baseline: list[float], candidate: list[float], section
                           only_candidate_right=test["only_candidate_right"],
                           only_baseline_right=test["only_baseline_right"])
     return Comparison(metric=metric, test="paired_bootstrap", **paired)
+
+
+def _classification(rows: list[dict[str, Any]]) -> ClassificationSummary:
+    from llmtune.eval.classification import summarize
+
+    return ClassificationSummary(**summarize(rows))
 
 
 def _loss_curve(path: Path) -> list[dict[str, float]]:
@@ -189,6 +204,8 @@ def _plots(report: dict[str, Any]) -> dict[str, bytes]:
             axis.legend(fontsize=8)
             figure.tight_layout()
             plots[f"{task['name']}-categories"] = _png(figure)
+    for title, summary in _confusions(report):
+        plots[f"{title.replace(' · ', '-')}-confusion"] = _confusion_plot(title, summary)
     curves = [m for m in report["models"] if m["loss_curve"]]
     if curves:
         figure, axis = plt.subplots(figsize=(5.5, 3.2))
@@ -201,6 +218,39 @@ def _plots(report: dict[str, Any]) -> dict[str, bytes]:
         axis.legend(fontsize=8)
         plots["training-loss"] = _png(figure)
     return plots
+
+
+def _confusion_plot(title: str, summary: dict[str, Any]) -> bytes:
+    import matplotlib.pyplot as plt
+
+    labels, matrix = summary["labels"], summary["confusion_matrix"]
+    size = max(3.2, 0.7 * len(labels) + 1.8)
+    figure, axis = plt.subplots(figsize=(size + 0.6, size))
+    axis.imshow(matrix, cmap="Blues")
+    dark = max(map(max, matrix)) / 2  # white numbers on the darker cells
+    for row, counts in enumerate(matrix):
+        for column, count in enumerate(counts):
+            axis.text(column, row, str(count), ha="center", va="center", fontsize=9,
+                      color="white" if count > dark else "black")
+    axis.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    axis.set_yticks(range(len(labels)), labels)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(f"{title} (macro F1 {summary['f1_macro']:.3f})", fontsize=9)
+    return _png(figure)
+
+
+def _confusions(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """("task · model", classification summary) for each classification result."""
+    return [(f"{task['name']} · {model['name']}", summary) for task in report["tasks"] for model in report["models"]
+            if (summary := report["results"][task["name"]][model["name"]].get("classification"))]
+
+
+def _confusion_table(summary: dict[str, Any]) -> list[list[str]]:
+    """Header row, then one row per true label: the label and its counts per predicted label."""
+    return [["true \\ predicted", *summary["labels"]],
+            *[[label, *map(str, counts)] for label, counts in zip(summary["labels"], summary["confusion_matrix"],
+                                                                  strict=True)]]
 
 
 def _png(figure) -> bytes:
@@ -227,6 +277,9 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                     c = compared[metric]
                     delta = f"{c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], p={c['p_value']:.3g}"
                 rows.append((task["name"], model["name"], metric, ci, delta))
+            if result.get("classification"):  # macro F1 is not a mean over items: no CI, no paired test
+                rows.append((task["name"], model["name"], "f1_macro", f"{result['classification']['f1_macro']:.3f}",
+                             "—"))
     return rows
 
 
@@ -240,6 +293,12 @@ def _markdown(report: dict[str, Any], plots: dict[str, bytes]) -> str:
     lines += ["", "## Data", ""]
     lines += [f"- `{t['name']}` ({t['kind']}, {t['items']} items): `{t['file']}` sha256 `{t['sha256'][:16]}`"
               for t in report["tasks"]]
+    for title, summary in _confusions(report):
+        table = _confusion_table(summary)
+        lines += ["", f"## Confusion matrix: {title}", "", f"Macro F1 {summary['f1_macro']:.3f}; rows are the true "
+                  "labels, columns the predicted ones.", "", "| " + " | ".join(table[0]) + " |",
+                  "|" + "---|" * len(table[0])]
+        lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
     if report["harness"]:
         lines += ["", "## lm-evaluation-harness", "", "| model | task | metric | value |", "|---|---|---|---|"]
         lines += [f"| {model} | {task} | {metric} | {value:.4g} |" for model, tasks in report["harness"].items()
@@ -254,6 +313,12 @@ def _html(report: dict[str, Any], plots: dict[str, bytes]) -> str:
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         f"<figcaption>{html.escape(name)}</figcaption></figure>" for name, png in plots.items()
     )
+    confusions = "".join(
+        f"<h3>{html.escape(title)}: macro F1 {summary['f1_macro']:.3f}</h3><table>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                  for row in _confusion_table(summary)) + "</table>"
+        for title, summary in _confusions(report))
+    confusions = f"<h2>Confusion matrices (rows: true, columns: predicted)</h2>{confusions}" if confusions else ""
     data = "".join(f"<li><code>{html.escape(t['name'])}</code>: {html.escape(t['file'])} "
                    f"(sha256 {t['sha256'][:16]}, {t['items']} items)</li>" for t in report["tasks"])
     return f"""<!doctype html>
@@ -264,5 +329,5 @@ td,th{{border:1px solid #ccc;padding:4px 8px}}figure{{display:inline-block;margi
 <p>Baseline: <code>{html.escape(report['baseline'])}</code>; {round(report['confidence'] * 100)}% bootstrap CIs;
 created {html.escape(report['created'])} by llmtune {html.escape(report['llmtune_version'])}.</p>
 <table><tr><th>task</th><th>model</th><th>metric</th><th>value</th><th>vs baseline</th></tr>{rows}</table>
-<h2>Plots</h2>{images}<h2>Data</h2><ul>{data}</ul></body></html>
+{confusions}<h2>Plots</h2>{images}<h2>Data</h2><ul>{data}</ul></body></html>
 """

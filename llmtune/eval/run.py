@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from llmtune.eval.items import read_generative, read_mcq
+from llmtune.eval.items import read_classification, read_generative, read_mcq
 from llmtune.eval.recipe import EvalModel, EvalSection, EvalTask
 from llmtune.hashing import file_sha256
 from llmtune.journal import Journal
@@ -26,7 +26,7 @@ from llmtune.journal import Journal
 log = logging.getLogger("llmtune.eval")
 
 METRICS = {"mcq": ("acc", "acc_norm"), "generative": ("exact_match", "f1", "rouge_l"),
-           "judge": ("judge_score", "judge_pass")}
+           "judge": ("judge_score", "judge_pass"), "classification": ("acc",)}
 # Right/wrong metrics are compared with McNemar's exact test; scores with a paired bootstrap.
 BINARY = {"acc", "acc_norm", "exact_match", "judge_pass"}
 
@@ -42,12 +42,11 @@ def evaluate(section: EvalSection, progress: Any = None, harness_tasks: list[str
     for model in section.models:
         weights = model_fingerprint(model)  # hashes the weight files: once per model
         expected = {t.name: {"model": weights, "task": task_prints[t.name]} for t in section.tasks}
-        pending = [t for t in section.tasks if not _complete(section, model, t, len(items[t.name]), expected[t.name])]
-        loaded = _load(model) if pending else None
+        models = _Models(model)  # loads only what a task with unscored items needs
         for task in section.tasks:
-            results[task.name][model.name] = _task_results(section, model, task, items[task.name], loaded, progress,
+            results[task.name][model.name] = _task_results(section, model, task, items[task.name], models, progress,
                                                            expected[task.name])
-        del loaded
+        del models
         gc.collect()
     harness = None
     if harness_tasks:
@@ -62,6 +61,8 @@ def evaluate(section: EvalSection, progress: Any = None, harness_tasks: list[str
 def _read_items(task: EvalTask) -> list[Any]:
     if task.kind == "mcq":
         return read_mcq(task.path, task.max_items)
+    if task.kind == "classification":
+        return read_classification(task.path, task.max_items)
     return read_generative(task.path, task.max_items, references_required=task.kind == "generative")
 
 
@@ -70,6 +71,28 @@ def _load(model: EvalModel):
 
     log.info("loading %s (%s)", model.name, model.path)
     return load_for_inference(model.path)
+
+
+def _load_classifier(model: EvalModel):
+    from llmtune.inference.classifier import load_classifier
+
+    log.info("loading classifier %s (%s)", model.name, model.path)
+    return load_classifier(model.path)
+
+
+class _Models:
+    """One eval model, loaded on first use as a generator (mcq, generative, judge) or as a classifier: a
+    classification run has a head instead of an LM head, so it serves only classification tasks."""
+
+    def __init__(self, model: EvalModel) -> None:
+        self.model = model
+        self._loaded: dict[bool, Any] = {}
+
+    def for_task(self, task: EvalTask):
+        classifier = task.kind == "classification"
+        if classifier not in self._loaded:
+            self._loaded[classifier] = (_load_classifier if classifier else _load)(self.model)
+        return self._loaded[classifier]
 
 
 def model_fingerprint(model: EvalModel) -> str:
@@ -92,14 +115,7 @@ def _paths(section: EvalSection, model: EvalModel, task: EvalTask) -> tuple[Path
     return folder / f"{model.name}.jsonl", folder / f"{model.name}.json"
 
 
-def _complete(section: EvalSection, model: EvalModel, task: EvalTask, total: int, expected: dict[str, str]) -> bool:
-    journal, meta = _paths(section, model, task)
-    if not (journal.is_file() and meta.is_file()):
-        return False
-    return json.loads(meta.read_text()) == expected and len(journal.read_text().splitlines()) >= total
-
-
-def _task_results(section: EvalSection, model: EvalModel, task: EvalTask, items: list[Any], loaded,
+def _task_results(section: EvalSection, model: EvalModel, task: EvalTask, items: list[Any], models: _Models,
                   progress: Any, expected: dict[str, str]) -> list[dict[str, Any]]:
     journal_path, meta_path = _paths(section, model, task)
     if meta_path.is_file() and json.loads(meta_path.read_text()) != expected:
@@ -112,19 +128,25 @@ def _task_results(section: EvalSection, model: EvalModel, task: EvalTask, items:
         todo = [item for item in items if item.id not in journal]
         advance = _advance(progress, f"{task.name} · {model.name}", len(items), len(items) - len(todo))
         if todo:
-            for result in _score(loaded, section, task, todo, advance):
+            for result in _score(models, section, task, todo, advance):
                 journal.append(result)
         return [journal.records[item.id] for item in items]
     finally:
         journal.close()
 
 
-def _score(loaded, section: EvalSection, task: EvalTask, items: list[Any],
+def _score(models: _Models, section: EvalSection, task: EvalTask, items: list[Any],
            advance: Callable[[int], None]) -> Iterator[dict[str, Any]]:
     from llmtune.eval.generative import score_generative
     from llmtune.eval.judge import score_judged
     from llmtune.eval.mcq import score_mcq
 
+    loaded = models.for_task(task)
+    if task.kind == "classification":
+        from llmtune.eval.classification import score_classification
+
+        yield from score_classification(loaded, items, task.path, section.batch_size, advance)
+        return
     adapter = next(iter(loaded.adapters), None) or loaded.adapter_for(loaded.base_name)
     batch_size = section.batch_size
     if task.kind == "judge":

@@ -59,6 +59,12 @@ def _base_section(target: str) -> ModelSection:
 
 def load_for_inference(target: str, adapters: dict[str, str] | None = None) -> Loaded:
     """`target` is a model or a run folder; `adapters` maps served names to more run/adapter folders."""
+    from llmtune.inference.classifier import is_classifier_run
+
+    for folder in [target, *(adapters or {}).values()]:
+        if is_classifier_run(folder):  # its head predicts labels; there is no LM head to generate with
+            raise InferenceLoadError(f"{folder} is a classification run: load it with llmtune.inference."
+                                     "classifier.load_classifier, or evaluate it with a `kind: classification` task")
     section = _base_section(target)
     source = resolve_source(section)
     named: dict[str, Path] = {}

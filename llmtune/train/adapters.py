@@ -34,6 +34,6 @@ def lora_config(
         layers_pattern=pattern,
         use_dora=section.kind == "dora",
         use_rslora=section.rslora,
-        modules_to_save=section.modules_to_save or None,
+        modules_to_save=list(section.modules_to_save) or None,  # a copy: PEFT's SEQ_CLS extends it in place
         bias="none",
     )

@@ -13,14 +13,9 @@ from typing import Any
 
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 
-from llmtune.config import Recipe, TrainSection
+from llmtune.config import Recipe, TrainSection, metric_key
 
 log = logging.getLogger("llmtune.train")
-
-
-def metric_key(metric: str) -> str:
-    """The name the Trainer logs a validation metric under (`loss` -> `eval_loss`)."""
-    return metric if metric.startswith("eval_") else f"eval_{metric}"
 
 
 def selection_args(train: TrainSection, eval_strategy: str) -> dict[str, Any]:

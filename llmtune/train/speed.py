@@ -111,12 +111,13 @@ def available_memory_gb() -> float:
     return psutil.virtual_memory().available / GB
 
 
-def load_training_model(recipe: Recipe, source, longest_row: int) -> tuple[torch.nn.Module, bool]:
-    """The base model as training should load it, and whether to checkpoint activations; both logged."""
+def load_training_model(recipe: Recipe, source, longest_row: int, **load_kwargs) -> tuple[torch.nn.Module, bool]:
+    """The base model as training should load it, and whether to checkpoint activations; both logged.
+    `load_kwargs` go to models.load_model (e.g. a sequence classifier's class and labels)."""
     from llmtune.models import load_model
 
     chosen = training_model(recipe, longest_row)
     precision = resolve_precision(recipe.train.precision)
     log.info("precision %s%s", precision, "".join(f"; {reason}" for reason in chosen.reasons))
-    model = load_model(chosen.section, recipe.quantization, source)
+    model = load_model(chosen.section, recipe.quantization, source, **load_kwargs)
     return model, decide_gradient_checkpointing(recipe, model, longest_row)
