@@ -49,7 +49,17 @@ def test_every_shipped_recipe_validates(path, request):
 def test_shipped_recipes_name_their_launch_command():
     for path in RECIPES:
         header = path.read_text().splitlines()[:6]
-        assert any(f"llmtune train {path.relative_to(REPO)}" in line for line in header), path
+        command = "sweep" if "sweep" in yaml.safe_load(path.read_text()) else "train"
+        assert any(f"llmtune {command} {path.relative_to(REPO)}" in line for line in header), path
+
+
+def test_shipped_sweeps_validate():
+    from llmtune.sweep.recipe import load_sweep
+
+    sweeps = [p for p in RECIPES if "sweep" in yaml.safe_load(p.read_text())]
+    assert sweeps
+    for path in sweeps:
+        assert load_sweep(path).section.space, path
 
 
 def test_accelerate_configs_parse():

@@ -57,6 +57,8 @@ def _runnable(command: str, out: Path, sft_run: Path | None) -> str:
         command = re.sub(r" --set output_dir=\S+", "", command) + f" --set output_dir={shlex.quote(str(out))}"
     if " synth " in command:
         command += f" --set synth.output_dir={shlex.quote(str(out))}"
+    if " sweep " in command:
+        command += f" --set sweep.output_dir={shlex.quote(str(out))} --trials 2"
     if " eval recipes/" in command:
         command += f" --set eval.output_dir={shlex.quote(str(out))}"
     if sft_run is not None:
@@ -99,6 +101,8 @@ def test_readme_command_runs(command, tmp_path, request, tmp_path_factory):
     if " eval " in command:
         report = json.loads(next(tmp_path.glob("*/report.json")).read_text())
         assert report["results"] and (next(tmp_path.glob("*/report.html"))).is_file()
+    if " sweep " in command:
+        assert (tmp_path / "run" / "best-recipe.yaml").is_file() and (tmp_path / "run" / "results.md").is_file()
     if " generate " in command:
         assert len((tmp_path / "output").read_text().splitlines()) == 10
     if " merge " in command:
