@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -67,6 +68,7 @@ def test_a_six_trial_sweep_writes_the_table_and_a_best_recipe_that_reproduces(tm
     best = study.best_trial
     assert best.value == min(t.value for t in study.get_trials(states=(TrialState.COMPLETE,)))
 
+    assert f"--set sft.adapter.r={best.params['adapter.r']}" in (out / "best-recipe.yaml").read_text()
     # The best recipe trains on its own and reaches the best trial's objective (same seed, same data).
     result = run_cli("train", str(out / "best-recipe.yaml"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -194,3 +196,24 @@ def test_training_a_sweep_recipe_trains_its_own_values(tmp_path, chat_file):
     recipe = load_recipe(_sweep_recipe(tmp_path, chat_file))
     assert recipe.train.learning_rate == 1e-3 and recipe.adapter.r == 8
     assert storage_url(load_sweep(_sweep_recipe(tmp_path, chat_file)).section).endswith("sweep/study.db")
+
+
+@pytest.mark.slow  # starts a Ray instance and two worker processes: ~45 s
+def test_ray_workers_run_trials_in_parallel_on_one_study(tmp_path, chat_file):
+    pytest.importorskip("ray")
+    sweep = load_sweep(_sweep_recipe(tmp_path, chat_file, strategy="random", trials=4, backend="ray", workers=2,
+                                     pruner="none"))
+    study = run_sweep(sweep)
+
+    finished = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(finished) >= 4
+    assert len({t.user_attrs["pid"] for t in finished}) == 2  # two worker processes shared the study
+    assert len({tuple(sorted(t.params.items())) for t in finished}) == len(finished)  # no value drawn twice
+    assert (sweep.section.output_dir / "best-recipe.yaml").is_file()
+    by_start = sorted(finished, key=lambda t: t.datetime_start)  # some trials ran at the same time
+    assert any(a.datetime_complete > b.datetime_start for a, b in itertools.pairwise(by_start))
+
+
+def test_parallel_workers_need_ray(tmp_path, chat_file):
+    with pytest.raises(RecipeError, match="set `backend: ray`"):
+        load_sweep(_sweep_recipe(tmp_path, chat_file, workers=2))

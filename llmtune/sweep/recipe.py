@@ -118,6 +118,16 @@ class SweepSection(Section):
     seed: int = 0
     # Run these first (known-good settings, or a baseline): each a mapping of space keys to values.
     initial_trials: list[dict[str, Any]] = Field(default_factory=list)
+    # Where trials run: here, one after another; or on a Ray cluster, `workers` at a time (optional extra
+    # `llmtune[ray]`). Each Ray worker runs the same trial loop against the one study.
+    backend: Literal["local", "ray"] = "local"
+    workers: int = Field(1, gt=0)
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a Ray instance started on this machine
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    # The Optuna storage: None is `output_dir/study.db` (SQLite, one machine); workers on several machines
+    # need a database they all reach, e.g. postgresql://user@host/optuna (password from the environment).
+    storage: str | None = None
 
     @model_validator(mode="after")
     def _rules(self) -> SweepSection:
@@ -125,6 +135,9 @@ class SweepSection(Section):
             continuous = [key for key, spec in self.space.items() if spec.grid() is None]
             if continuous:
                 raise ValueError(f"a grid needs choices or a `step` for: {', '.join(continuous)}")
+        if self.workers > 1 and self.backend == "local":
+            raise ValueError("`workers` > 1 runs trials in parallel on Ray: set `backend: ray` (or start "
+                             "`llmtune sweep` in several terminals: they share the study)")
         for index, trial in enumerate(self.initial_trials):
             unknown = sorted(set(trial) - set(self.space))
             if unknown:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,17 @@ def write_best_recipe(sweep: SweepRecipe, best: FrozenTrial) -> Path:
     header = (f"# The best trial of the sweep in {out}: trial {best.number}, "
               f"{objective.metric} = {best.value:.6g} ({objective.resolved_direction}d).\n"
               + "".join(f"#   {key}: {value}\n" for key, value in best.params.items())
-              + f"# Train it with: llmtune train {out / BEST_RECIPE}\n")
+              + f"# Train it with: llmtune train {out / BEST_RECIPE}\n"
+              + f"# In a pipeline recipe: llmtune run PIPELINE {_pipeline_overrides(recipe.method, best.params)}\n")
     text = header + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
     write_atomic(out / BEST_RECIPE, text)
     return out / BEST_RECIPE
+
+
+def _pipeline_overrides(method: str, params: dict[str, Any]) -> str:
+    """The same values for the pipeline stage that trains this method (`sft`, or `dpo` for preferences)."""
+    stage = "sft" if method == "sft" else "dpo"
+    return " ".join(f"--set {stage}.{key}={value}" for key, value in params.items())
 
 
 def _markdown(sweep: SweepRecipe, rows: list[dict[str, Any]], best: FrozenTrial | None) -> str:
@@ -103,7 +111,9 @@ def _plots(study: optuna.Study, folder: Path) -> dict[str, str]:
     for name, draw in (("optimization_history", optuna_plots.plot_optimization_history),
                        ("param_importances", optuna_plots.plot_param_importances)):
         try:
-            axes = draw(study)
+            with warnings.catch_warnings():  # Optuna marks its matplotlib plots experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = draw(study)
         except (ValueError, RuntimeError) as err:
             log.info("plot %s skipped: %s", name, err)
             continue

@@ -56,31 +56,50 @@ class PruningReporter(TrainerCallback):
 
 
 def run_sweep(sweep: SweepRecipe, overwrite: bool = False, trials: int | None = None) -> optuna.Study:
-    """Run trials until `trials` (default: the section's) have finished, counting those already in the study."""
+    """Run trials until `trials` (default: the section's) have finished, counting those already in the study;
+    here, or on Ray workers. Writes the report."""
     section = sweep.section
     if overwrite:
         shutil.rmtree(section.output_dir, ignore_errors=True)
     study = open_study(sweep)
-    for number in requeue_interrupted(study):
+    for number in requeue_interrupted(study):  # once, here: parallel workers would each queue it again
         log.warning("trial %d was interrupted; queued again (it resumes from its newest checkpoint)", number)
-    target = min(trials or section.trials, planned_trials(section)) if section.strategy == "grid" else \
-        trials or section.trials
+    target = trials or section.trials
+    if section.strategy == "grid":
+        target = min(target, planned_trials(section))
     done = len(finished_trials(study))
     if done:
         log.info("%s: %d of %d trials already finished", storage_url(section), done, target)
+    if section.backend == "ray":
+        from llmtune.sweep.ray_backend import run_on_ray
+
+        run_on_ray(sweep, target)
+    else:
+        work(sweep, target, study)
+    from llmtune.sweep.report import write_sweep_report
+
+    study = open_study(sweep)
+    write_sweep_report(sweep, study)
+    return study
+
+
+def work(sweep: SweepRecipe, target: int, study: optuna.Study | None = None, worker: int = 0) -> int:
+    """The trial loop one worker runs: trials until the study has `target` finished ones; returns how many
+    this worker ran. Several workers (terminals, Ray tasks) can run it on one study."""
+    section = sweep.section
+    study = study or open_study(sweep, worker)
+    ran = 0
     while len(finished_trials(study)) < target:
         # A diverged trial (non-finite gradients) fails and the sweep goes on; any other error stops it.
         study.optimize(lambda trial: _objective(sweep, trial, target), n_trials=1,
                        catch=(TrainingDivergedError,), gc_after_trial=True)
+        ran += 1
         failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
         if failed > target:
             raise LlmtuneError(f"{section.output_dir}: {failed} trials failed (diverged); narrow the search space")
         if section.strategy == "grid" and _grid_exhausted(study, section):
             break
-    from llmtune.sweep.report import write_sweep_report
-
-    write_sweep_report(sweep, study)
-    return study
+    return ran
 
 
 def _grid_exhausted(study: optuna.Study, section) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import warnings
 from typing import Any
 
 import optuna
@@ -25,8 +24,6 @@ log = logging.getLogger("llmtune.sweep")
 
 STUDY_NAME = "llmtune-sweep"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-# Optuna marks its matplotlib plots and a few arguments experimental; they are stable enough for reports.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 class SweepChangedError(LlmtuneError, ValueError):
@@ -34,11 +31,12 @@ class SweepChangedError(LlmtuneError, ValueError):
 
 
 def storage_url(section: SweepSection) -> str:
-    return f"sqlite:///{section.output_dir / 'study.db'}"
+    return section.storage or f"sqlite:///{section.output_dir / 'study.db'}"
 
 
-def open_study(sweep: SweepRecipe) -> optuna.Study:
-    """Create the study, or reopen it when its definition (base recipe, space, objective) is unchanged."""
+def open_study(sweep: SweepRecipe, worker: int = 0) -> optuna.Study:
+    """Create the study, or reopen it when its definition (base recipe, space, objective) is unchanged.
+    `worker` tells parallel workers' samplers apart (they would otherwise draw the same values)."""
     section = sweep.section
     section.output_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # llmtune logs each trial itself
@@ -58,7 +56,7 @@ def open_study(sweep: SweepRecipe) -> optuna.Study:
             "choose another sweep.output_dir, or pass --overwrite to start it again"
         )
     # Re-seed with the study's size, so a resumed sweep does not draw the values it drew before.
-    study.sampler = make_sampler(section, len(study.trials))
+    study.sampler = make_sampler(section, len(study.trials) + 100_003 * worker)
     return study
 
 
