@@ -15,8 +15,7 @@ from datasets import Dataset
 
 from llmtune.config import ClassificationSection, DataSection, Recipe
 from llmtune.data.formats import RowError
-from llmtune.data.loading import Example, load_examples, source_fingerprint
-from llmtune.data.tokenize import split_examples
+from llmtune.data.loading import Example, load_splits, source_fingerprint
 
 
 @dataclass(frozen=True)
@@ -71,17 +70,10 @@ def prepare_classification_data(recipe: Recipe, tokenizer) -> ClassificationData
     section, data = recipe.classification, recipe.data
     assert section is not None  # Recipe._check_task
     convert = row_converter(section)
-    train, train_report = load_examples(data.train, data, convert=convert)
-    report: dict[str, Any] = {"loaded": {"train_files": train_report.as_dict()}}
-    if data.validation:
-        validation, val_report = load_examples(data.validation, data, convert=convert)
-        report["loaded"]["validation_files"] = val_report.as_dict()
-    elif data.validation_fraction:
-        train, validation = split_examples(train, data.validation_fraction, recipe.seed)
-    else:
-        validation = []
+    loaded = load_splits(recipe, convert)
+    report: dict[str, Any] = {"loaded": {k: v.as_dict() for k, v in loaded.loaded.items()}}
     splits: dict[str, Dataset] = {}
-    for name, examples in (("train", train), ("validation", validation)):
+    for name, examples in (("train", loaded.train), ("validation", loaded.validation)):
         if examples:
             splits[name], report[name] = _tokenize(examples, tokenizer, section, data)
     sources = [source_fingerprint(s) for s in [*data.train, *data.validation]]

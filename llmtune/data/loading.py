@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmtune.config import DataSection, DataSource
+from llmtune.config import DataSection, DataSource, Recipe
 from llmtune.data.formats import RowError, to_messages
 from llmtune.errors import LlmtuneError
 from llmtune.hashing import file_sha256
@@ -99,6 +100,37 @@ def load_examples(
     if not examples:
         raise DataError(f"no usable rows in {', '.join(s.path for s in sources)}")
     return examples, report
+
+
+@dataclass
+class Splits:
+    """Train and validation examples, and the load report of each file set (`train_files`, `validation_files`)."""
+
+    train: list[Example]
+    validation: list[Example]
+    loaded: dict[str, LoadReport]
+
+
+def load_splits(recipe: Recipe, convert: Callable[..., Any] = to_messages) -> Splits:
+    """The recipe's train rows and validation rows: its validation files, or a seeded `validation_fraction` of
+    the train rows (none otherwise)."""
+    data = recipe.data
+    train, train_report = load_examples(data.train, data, convert=convert)
+    loaded = {"train_files": train_report}
+    validation: list[Example] = []
+    if data.validation:
+        validation, loaded["validation_files"] = load_examples(data.validation, data, convert=convert)
+    elif data.validation_fraction:
+        train, validation = split_examples(train, data.validation_fraction, recipe.seed)
+    return Splits(train, validation, loaded)
+
+
+def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(examples) * fraction))
+    val_idx = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in val_idx], [examples[i] for i in sorted(val_idx)]
 
 
 def _read_rows(source: DataSource) -> Iterator[tuple[int, Any]]:

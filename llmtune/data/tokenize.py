@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from llmtune.atomic import atomic_folder
 from llmtune.builtin_models import cache_dir
 from llmtune.config import Recipe
 from llmtune.data.formats import RowError
-from llmtune.data.loading import DataError, Example, LoadReport, load_examples, source_fingerprint
+from llmtune.data.loading import DataError, Example, LoadReport, load_splits, source_fingerprint
 
 # Bump when tokenization output changes for the same inputs, so old caches are not reused.
 TOKENIZATION_VERSION = 2
@@ -79,21 +78,12 @@ def prepare_data(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, template: s
     if (path / "report.json").is_file():
         return _load_cached(path, sources)
 
-    train_examples, train_report = load_examples(data.train, data)
-    report: dict[str, Any] = {"loaded": {"train_files": train_report}}
-    if data.validation:
-        val_examples, report["loaded"]["validation_files"] = load_examples(data.validation, data)
-    elif data.validation_fraction:
-        train_examples, val_examples = split_examples(train_examples, data.validation_fraction, recipe.seed)
-    else:
-        val_examples = []
-
-    splits = {"train": train_examples, "validation": val_examples}
+    loaded = load_splits(recipe)
+    report: dict[str, Any] = {"loaded": {k: v.as_dict() for k, v in loaded.loaded.items()}}
     tokenized: dict[str, Dataset] = {}
-    for name, examples in splits.items():
+    for name, examples in (("train", loaded.train), ("validation", loaded.validation)):
         if examples:
             tokenized[name], report[name] = _tokenize_split(name, examples, tokenizer, template, recipe)
-    report["loaded"] = {k: v.as_dict() for k, v in report["loaded"].items()}
     train_ds, val_ds = tokenized["train"], tokenized.get("validation")
     _save_atomically(path, train_ds, val_ds, report)
     return PreparedData(train_ds, val_ds, report, sources, path, from_cache=False)
@@ -138,14 +128,6 @@ def _tokenize_split(
         "trainable_tokens": sum(sum(1 for t in labels if t != -100) for labels in columns["labels"]),
     }
     return Dataset.from_dict(columns), stats
-
-
-def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(examples) * fraction))
-    val_idx = set(order[:n_val])
-    return [e for i, e in enumerate(examples) if i not in val_idx], [examples[i] for i in sorted(val_idx)]
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase, template: str | None) -> str:

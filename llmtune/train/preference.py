@@ -21,8 +21,7 @@ from trl import DPOTrainer, KTOTrainer
 
 from llmtune.config import Recipe
 from llmtune.data.formats import to_preference
-from llmtune.data.loading import load_examples, source_fingerprint
-from llmtune.data.tokenize import split_examples
+from llmtune.data.loading import load_splits, source_fingerprint
 from llmtune.models import load_tokenizer
 from llmtune.train import runner
 from llmtune.train.adapter_speed import StreamlinedAdapter
@@ -77,15 +76,9 @@ def _trainer_for(method: str) -> tuple[type, Callable[..., Any]]:
 def preference_datasets(recipe: Recipe) -> tuple[Dataset, Dataset | None, dict[str, Any], list[dict[str, Any]]]:
     """Validated pairs as conversational datasets TRL tokenizes with the model's chat template."""
     data = recipe.data
-    train, train_report = load_examples(data.train, data, convert=to_preference)
-    report: dict[str, Any] = {"loaded": {"train_files": train_report.as_dict()}}
-    if data.validation:
-        validation, val_report = load_examples(data.validation, data, convert=to_preference)
-        report["loaded"]["validation_files"] = val_report.as_dict()
-    elif data.validation_fraction:
-        train, validation = split_examples(train, data.validation_fraction, recipe.seed)
-    else:
-        validation = []
+    loaded = load_splits(recipe, to_preference)
+    train, validation = loaded.train, loaded.validation
+    report: dict[str, Any] = {"loaded": {k: v.as_dict() for k, v in loaded.loaded.items()}}
     report["train"] = {"rows": len(train)}
     sources = [source_fingerprint(s) for s in [*data.train, *data.validation]]
     train_ds = Dataset.from_list([e.value for e in train])
