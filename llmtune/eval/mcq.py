@@ -121,6 +121,11 @@ def _score_shared(loaded: Loaded, contexts: list[list[int]], options: list[Optio
     return scores
 
 
+def mcq_length(item: McqItem) -> tuple[int, int]:
+    """A cheap proxy for an item's padded cost: its question's length, then its longest option's."""
+    return len(item.question), max(map(len, item.choices))
+
+
 def score_mcq(loaded: Loaded, items: list[McqItem], style: str, system_prompt: str | None, batch_size: int,
               advance: Callable[[int], None] = lambda n: None, choices_format: str = "cloze"
               ) -> list[dict[str, Any]]:

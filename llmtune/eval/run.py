@@ -139,7 +139,7 @@ def _score(models: _Models, section: EvalSection, task: EvalTask, items: list[An
            advance: Callable[[int], None]) -> Iterator[dict[str, Any]]:
     from llmtune.eval.generative import score_generative
     from llmtune.eval.judge import score_judged
-    from llmtune.eval.mcq import score_mcq
+    from llmtune.eval.mcq import mcq_length, score_mcq
 
     loaded = models.for_task(task)
     if task.kind == "classification":
@@ -154,6 +154,8 @@ def _score(models: _Models, section: EvalSection, task: EvalTask, items: list[An
         yield from score_judged(loaded, adapter, items, task.system_prompt, task.max_new_tokens, batch_size,
                                 section.judge, task.judge_prompt, section.seed, advance)
         return
+    if task.kind == "mcq":  # batches of similar length pad less (results are journaled by id, order-free)
+        items = sorted(items, key=mcq_length)
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         if task.kind == "mcq":
