@@ -217,3 +217,22 @@ def test_ray_workers_run_trials_in_parallel_on_one_study(tmp_path, chat_file):
 def test_parallel_workers_need_ray(tmp_path, chat_file):
     with pytest.raises(RecipeError, match="set `backend: ray`"):
         load_sweep(_sweep_recipe(tmp_path, chat_file, workers=2))
+
+
+def test_a_dpo_sweep_searches_the_preference_beta(tmp_path, finished_sft_run):
+    raw = yaml.safe_load((REPO / "recipes" / "clinical-qa" / "dpo-tiny.yaml").read_text())
+    raw["preference"]["from_run"] = str(finished_sft_run)
+    raw["data"]["train"][0]["path"] = str(REPO / "recipes" / "clinical-qa" / "data" / "prefs.jsonl")
+    raw["data"].update(validation_fraction=0.25, max_length=128)
+    raw["train"].update(max_steps=2, eval_steps=1)
+    raw["sweep"] = {"output_dir": str(tmp_path / "sweep"), "strategy": "grid", "trials": 2, "pruner": "none",
+                    "space": {"preference.beta": {"choices": [0.05, 0.5]}}}
+    path = tmp_path / "dpo-sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    study = run_sweep(load_sweep(path))
+
+    assert sorted(t.params["preference.beta"] for t in study.trials) == [0.05, 0.5]
+    for trial in study.trials:
+        saved = yaml.safe_load((Path(trial.user_attrs["run_dir"]) / "recipe.yaml").read_text())
+        assert saved["method"] == "dpo" and saved["preference"]["beta"] == trial.params["preference.beta"]
+        assert trial.value == _manifest(trial.user_attrs["run_dir"])["validation"]["eval_loss"]
