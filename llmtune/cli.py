@@ -133,16 +133,15 @@ def sweep(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise typer.BadParameter("`llmtune sweep` runs its trials in one process; start it without accelerate")
     _setup_logging()
-    from llmtune.sweep.report import write_sweep_report
+    from llmtune.sweep.report import sweep_summary
     from llmtune.sweep.run import SweepInterrupted, run_sweep
 
     try:
-        study = run_sweep(loaded, overwrite=overwrite, trials=trials)
+        study = run_sweep(loaded, overwrite=overwrite, trials=trials)  # writes the table, plots, best recipe
     except SweepInterrupted as stop:
         console.print(f"[yellow]stopped[/yellow]: {stop}")
         return
-    summary = write_sweep_report(loaded, study)
-    _print_sweep_summary(loaded, summary)
+    _print_sweep_summary(loaded, sweep_summary(loaded, study))
 
 
 def _print_sweep_summary(loaded, summary: dict) -> None:

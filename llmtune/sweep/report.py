@@ -50,11 +50,18 @@ def write_sweep_report(sweep: SweepRecipe, study: optuna.Study) -> dict[str, Any
     best = best_trial(study)
     write_atomic(out / "results.md", _markdown(sweep, rows, best))
     plots = _plots(study, out / "plots")
-    summary: dict[str, Any] = {"trials": len(rows), "plots": plots, "best": None}
     if best is not None:
-        recipe_path = write_best_recipe(sweep, best)
+        write_best_recipe(sweep, best)
+    return sweep_summary(sweep, study) | {"plots": plots}
+
+
+def sweep_summary(sweep: SweepRecipe, study: optuna.Study) -> dict[str, Any]:
+    """How many trials, and the best one (values, objective, its recipe file) when one completed."""
+    best = best_trial(study)
+    summary: dict[str, Any] = {"trials": len(study.get_trials(deepcopy=False)), "best": None}
+    if best is not None:
         summary["best"] = {"trial": best.number, "value": best.value, "params": best.params,
-                           "recipe": str(recipe_path)}
+                           "recipe": str(sweep.section.output_dir / BEST_RECIPE)}
     return summary
 
 

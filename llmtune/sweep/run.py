@@ -8,6 +8,7 @@ stop a trial that is far behind; an eval-task objective is scored once the trial
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import shutil
 import time
@@ -21,7 +22,6 @@ from transformers import TrainerCallback
 from llmtune.errors import LlmtuneError
 from llmtune.sweep.recipe import SweepRecipe
 from llmtune.sweep.study import (
-    STUDY_NAME,
     finished_trials,
     mark_running,
     open_study,
@@ -179,8 +179,6 @@ def _training_module(recipe):
 
 def objective_value(sweep: SweepRecipe, run_dir: Path) -> float:
     """The objective of a finished run: its saved validation metrics, or an eval of its adapter on the task."""
-    import json
-
     objective = sweep.section.objective
     if objective.task is None:
         validation = json.loads((run_dir / "manifest.json").read_text()).get("validation") or {}
@@ -201,5 +199,3 @@ def objective_value(sweep: SweepRecipe, run_dir: Path) -> float:
                            f"({', '.join(metrics)})")
     return float(metrics[objective.metric]["mean"])
 
-
-__all__ = ["STUDY_NAME", "SweepInterrupted", "objective_value", "run_sweep"]
