@@ -16,6 +16,7 @@ from datasets import Dataset
 from llmtune.config import ClassificationSection, DataSection, Recipe
 from llmtune.data.formats import RowError
 from llmtune.data.loading import Example, load_splits, source_fingerprint
+from llmtune.data.tokenize import longest_row, truncation_window
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class ClassificationData:
     @property
     def longest(self) -> int:
         """Tokens in the longest row (what the attention and memory choices depend on)."""
-        return max(max(map(len, ds["input_ids"]), default=0) for ds in (self.train, self.validation) if ds)
+        return longest_row(self.train, self.validation)
 
 
 def row_converter(section: ClassificationSection):
@@ -61,9 +62,7 @@ def encode_text(tokenizer, text: str, max_length: int | None, truncation: str = 
 
 
 def truncate(ids: list[int], max_length: int | None, truncation: str) -> list[int]:
-    if max_length is None or len(ids) <= max_length:
-        return ids
-    return ids[:max_length] if truncation == "keep_start" else ids[-max_length:]
+    return ids[truncation_window(max_length, truncation)]
 
 
 def prepare_classification_data(recipe: Recipe, tokenizer) -> ClassificationData:

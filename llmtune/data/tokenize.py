@@ -38,6 +38,18 @@ class PreparedData:
     from_cache: bool
 
 
+def truncation_window(max_length: int | None, truncation: str) -> slice:
+    """The tokens a row keeps: its first `max_length` (keep_start) or its last (keep_end); all without a limit."""
+    if max_length is None:
+        return slice(None)
+    return slice(None, max_length) if truncation == "keep_start" else slice(-max_length, None)
+
+
+def longest_row(*datasets) -> int:
+    """Tokens in the longest tokenized row (what the attention and memory choices depend on)."""
+    return max((max(map(len, ds["input_ids"]), default=0) for ds in datasets if ds is not None), default=0)
+
+
 def tokenize_messages(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict[str, str]],
@@ -61,7 +73,7 @@ def tokenize_messages(
         labels = list(ids)
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
-        window = slice(None, max_length) if truncation == "keep_start" else slice(-max_length, None)
+        window = truncation_window(max_length, truncation)
         ids, labels = ids[window], labels[window]
     if all(label == -100 for label in labels):
         why = f"after truncation to max_length={max_length}" if truncated else "the template marked no assistant token"

@@ -77,14 +77,19 @@ def load_eval_recipe(path: str | Path, overrides: list[str] | None = None) -> Ev
     return resolve_eval_paths(section, Path(path).parent, str(path))
 
 
+def resolve_task_path(task: EvalTask, base: Path) -> EvalTask:
+    """The task with its data file resolved against the recipe's folder (existence is the caller's check)."""
+    return task.model_copy(update={"path": (base / task.path).resolve()})
+
+
 def resolve_eval_paths(section: EvalSection, base: Path, where: str) -> EvalSection:
     problems: list[str] = []
     tasks = []
     for index, task in enumerate(section.tasks):
-        resolved = (base / task.path).resolve()
-        if not resolved.is_file():
-            problems.append(f"eval.tasks[{index}].path: file not found: {task.path} (looked in {resolved})")
-        tasks.append(task.model_copy(update={"path": resolved}))
+        resolved = resolve_task_path(task, base)
+        if not resolved.path.is_file():
+            problems.append(f"eval.tasks[{index}].path: file not found: {task.path} (looked in {resolved.path})")
+        tasks.append(resolved)
     models: list[Any] = []
     for model in section.models:
         local = base / model.path

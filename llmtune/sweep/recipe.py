@@ -34,7 +34,7 @@ from llmtune.config import (
     recipe_from_mapping,
     validate_section,
 )
-from llmtune.eval.recipe import EvalTask, resolve_eval_paths
+from llmtune.eval.recipe import EvalTask, resolve_task_path
 
 SWEEP_KEY = "sweep"
 
@@ -179,7 +179,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepRec
     section = section.model_copy(update={"output_dir": section.output_dir.resolve()})  # like a run's output_dir
     objective = section.objective
     if objective.task is not None:
-        task = resolve_eval_paths(_task_holder(objective.task), path.parent, str(path)).tasks[0]
+        task = resolve_task_path(objective.task, path.parent)
+        if not task.path.is_file():
+            raise RecipeError(f"{path}: sweep.objective.task.path: file not found: {objective.task.path} "
+                              f"(looked in {task.path})")
         section = section.model_copy(update={"objective": objective.model_copy(update={"task": task})})
     sweep = SweepRecipe(path, section, raw)
     base = recipe_from_mapping(copy.deepcopy(raw), path)  # the base itself must be a valid recipe
@@ -188,12 +191,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepRec
                           "`data.validation` or `data.validation_fraction`, or give an eval `task`")
     _check_space(sweep)
     return sweep
-
-
-def _task_holder(task: EvalTask):
-    from llmtune.eval.recipe import EvalModel, EvalSection
-
-    return EvalSection(output_dir=Path("."), models=[EvalModel(name="trial", path=".")], tasks=[task])
 
 
 def _check_space(sweep: SweepRecipe) -> None:

@@ -74,11 +74,11 @@ def run_sweep(sweep: SweepRecipe, overwrite: bool = False, trials: int | None = 
         from llmtune.sweep.ray_backend import run_on_ray
 
         run_on_ray(sweep, target)
+        study = open_study(sweep)  # the workers' trials, read back from the storage
     else:
         work(sweep, target, study)
     from llmtune.sweep.report import write_sweep_report
 
-    study = open_study(sweep)
     write_sweep_report(sweep, study)
     return study
 

@@ -14,7 +14,7 @@ from trl import SFTTrainer
 
 from llmtune.chat_template import stop_token_trained, training_chat_template
 from llmtune.config import Recipe
-from llmtune.data.tokenize import prepare_data
+from llmtune.data.tokenize import longest_row, prepare_data
 from llmtune.distributed import process_state
 from llmtune.models import load_tokenizer
 from llmtune.train import freezing, runner
@@ -76,11 +76,6 @@ def main(
 ) -> Path | None:
     # Looked up at call time so that tests can wrap `build_trainer` (e.g. to inject a fault).
     return runner.run(recipe, lambda r: build_trainer(r), overwrite, resume, force_resume)
-
-
-def longest_row(*datasets) -> int:
-    """Tokens in the longest tokenized row (what the attention and memory choices depend on)."""
-    return max((max(map(len, ds["input_ids"]), default=0) for ds in datasets if ds is not None), default=0)
 
 
 def chat_template_for_training(recipe: Recipe, tokenizer) -> str | None:
