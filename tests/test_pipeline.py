@@ -122,6 +122,9 @@ def test_only_needs_the_stages_before_it(fake_stages, pipeline_copy):
     ("sft.output_dir=elsewhere", "sft.output_dir: set by the pipeline"),
     ("prefs.samplez=3", "prefs: unknown key(s) samplez"),
     ("prefs.samples=0", "prefs.samples"),
+    ("prefs.contrasts.0.table=nope.csv", "prefs.contrasts[0].table: file not found: nope.csv"),
+    ("prefs.contrasts.0.pairs_per_fakt=1", "prefs.contrasts[0].pairs_per_fakt: unknown key; did you mean"),
+    ("prefs.contrasts.0.pairs_per_fact=-1", "prefs.contrasts[0].pairs_per_fact"),
     ("sft.train.learnig_rate=1", "sft.train.learnig_rate: unknown key; did you mean `learning_rate`?"),
     ("dpo.preference.bta=1", "dpo.preference.bta: unknown key; did you mean `beta`?"),
     ("eval.tasks.0.path=nope.jsonl", "eval.tasks[0].path: file not found: nope.jsonl"),
@@ -133,6 +136,20 @@ def test_bad_stage_sections_fail_before_anything_runs(pipeline_copy, override, m
     with pytest.raises(RecipeError) as err:
         load_pipeline(pipeline_copy, [override])
     assert message in str(err.value) and str(pipeline_copy) in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prefs_without_on_policy_pairs_needs_contrasts(pipeline_copy, tmp_path):
+    from llmtune.pipeline import sections
+
+    recipe = load_pipeline(pipeline_copy, ["prefs.on_policy=false"])
+    assert [m.kind for m in sections.build_prefs(recipe).methods] == ["fact_contrasts"]  # no policy, no prompts
+    raw = yaml.safe_load(pipeline_copy.read_text())
+    raw["prefs"].pop("contrasts")
+    pipeline_copy.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert [m["kind"] for m in sections.prefs_raw(load_pipeline(pipeline_copy))["methods"]] == ["preferences"]
+    with pytest.raises(RecipeError, match="`on_policy: false` and no `contrasts:`: nothing would make pairs"):
+        load_pipeline(pipeline_copy, ["prefs.on_policy=false"])
     assert not (tmp_path / "out").exists()
 
 
@@ -191,8 +208,11 @@ def test_tiny_pipeline_runs_every_stage(tiny_pipeline):
     synth = json.loads((out / "synth" / "report.json").read_text())
     assert synth["kept"]["sft"] == state["sft"]["summary"]["rows"] > 0
     assert synth["decontaminated"] == 0
-    pairs = (out / "prefs" / "preferences.jsonl").read_text().splitlines()
+    pairs = [json.loads(line) for line in (out / "prefs" / "preferences.jsonl").read_text().splitlines()]
     assert len(pairs) == state["dpo"]["summary"]["rows"] > 0
+    assert {p["method"] for p in pairs} == {"preferences", "fact_contrasts"}
+    system = {"role": "system", "content": "You are a clinical reference assistant."}
+    assert all(p["prompt"][0] == system for p in pairs)  # contrast pairs ask as the SFT items do
     report = json.loads((out / "eval" / "report.json").read_text())
     assert [m["name"] for m in report["models"]] == ["base", "sft", "dpo"]
     assert set(report["comparisons"]["clinical-mcq"]) == {"sft", "dpo"}

@@ -249,3 +249,19 @@ def test_precomputed_reference_log_probs_match_the_live_reference(tmp_path, pref
     session.trainer.train()
     losses = [r["loss"] for r in session.trainer.state.log_history if "loss" in r]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4) and losses[-1] < losses[0]
+
+
+def test_reference_log_probs_are_precomputed_with_the_label_only_head(tmp_path, prefs_file, sft_run, monkeypatch):
+    """TRL's DPO computes them inside its constructor, before the head is swapped: they went through TRL's head."""
+    from llmtune.train import lm_head
+
+    scored: list[int] = []
+    real = lm_head._score_labelled
+    monkeypatch.setattr(lm_head, "_score_labelled", lambda head, hidden, targets: scored.append(len(targets))
+                        or real(head, hidden, targets))
+    recipe = load_recipe(_dpo_recipe(tmp_path, prefs_file, sft_run, preference={"precompute_ref_log_probs": True}))
+    session = preference.build_trainer(recipe)
+    assert scored and "ref_chosen_logps" in session.trainer.train_dataset.column_names
+    causal_lm = session.trainer.model.get_base_model()
+    forward = causal_lm.forward
+    assert lm_head.install_label_only_lm_head(causal_lm) and causal_lm.forward is forward  # installed once

@@ -152,6 +152,63 @@ def test_fact_templates_reverse_questions_ask_for_the_entity(tmp_path):
     assert all(r["provenance"]["direction"] == "reverse" for r in reverse)
 
 
+def test_fact_contrasts_pair_each_fact_with_another_entitys_value(tmp_path):
+    templates = yaml.safe_load((domain(tmp_path) / "templates.yaml").read_text())
+    templates["attributes"]["indication"]["reverse"] = {"questions": ["Which drug treats {{ indication }}?"],
+                                                        "answers": ["{{ drug | sentence }} does."]}
+    templates["attributes"]["drug_class"]["answers"].append("Ask a pharmacist.")  # names no class: no pair
+    (tmp_path / "domain" / "templates.yaml").write_text(yaml.safe_dump(templates))
+    contrasts = {"kind": "fact_contrasts", "table": "drugs.csv", "templates": "templates.yaml",
+                 "pairs_per_fact": 3, "reverse_pairs_per_fact": 1}
+    recipe = write_recipe(tmp_path, [contrasts], system_prompt="You are terse.")
+    report = synthesize(load_synth_recipe(recipe))
+    table = {row["id"]: row for row in read_jsonl_csv(tmp_path / "domain" / "drugs.csv")}
+    pairs = read_jsonl(tmp_path / "out" / "preferences.jsonl")
+    rejects = read_jsonl(tmp_path / "out" / "rejects.jsonl")
+    assert report["kept"] == {"sft": 0, "preferences": len(pairs), "sft_by_method": {}}
+    assert len(pairs) + len(rejects) == 5 * 2 * 3 + 5 * 1  # forward pairs for both attributes, reverse for one
+    assert rejects and all("does not name drug_class" in r["reason"] for r in rejects)
+    for pair in pairs:
+        row_id, attribute = pair["provenance"]["fact"].split(".")
+        row, other = table[row_id], table[pair["provenance"]["rejected_from"]]
+        chosen, wrong = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
+        assert pair["prompt"][0] == {"role": "system", "content": "You are terse."}
+        assert other[attribute] != row[attribute]  # the rejected side is false, not a second right answer
+        if pair["provenance"].get("direction") == "reverse":
+            assert row["indication"] in pair["prompt"][1]["content"]
+            assert chosen == f"{row['drug'].capitalize()} does." and wrong == f"{other['drug'].capitalize()} does."
+        else:
+            assert row["drug"] in pair["prompt"][1]["content"].lower()
+            assert row[attribute] in chosen and other[attribute] in wrong
+            assert other[attribute].join(chosen.rsplit(row[attribute], 1)) == wrong  # "Atorvastatin is a statin."
+    again = tmp_path / "again"
+    synthesize(load_synth_recipe(write_recipe(tmp_path, [contrasts], name="again.yaml", output="again",
+                                              system_prompt="You are terse.")))
+    assert read_jsonl(again / "preferences.jsonl") == pairs  # deterministic per seed
+
+
+def read_jsonl_csv(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_fact_contrasts_are_decontaminated_like_other_pairs(tmp_path):
+    folder = domain(tmp_path)
+    planted = {"id": "ev-3", "question": "Lisinopril belongs to which class?", "choices": ["a", "b", "c", "d"],
+               "answer": 0}
+    with open(folder / "eval.jsonl", "a") as handle:
+        handle.write(json.dumps(planted) + "\n")
+    contrasts = {"kind": "fact_contrasts", "table": "drugs.csv", "templates": "templates.yaml", "pairs_per_fact": 3}
+    report = synthesize(load_synth_recipe(write_recipe(tmp_path, [contrasts])))
+    removed = [r for r in read_jsonl(tmp_path / "out" / "rejects.jsonl") if r["stage"] == "decontamination"]
+    assert report["decontaminated"] == len(removed) >= 1
+    assert all(r["prompt"][-1]["content"] == "Lisinopril belongs to which class?" for r in removed)
+    kept = read_jsonl(tmp_path / "out" / "preferences.jsonl")
+    assert kept and all(p["prompt"][-1]["content"] != "Lisinopril belongs to which class?" for p in kept)
+
+
 def test_fact_table_missing_column_is_one_clear_error(tmp_path):
     recipe = write_recipe(tmp_path, [FACTS])
     (tmp_path / "domain" / "drugs.csv").write_text("id,drug,drug_class\nmetformin,metformin,biguanide\n")

@@ -39,7 +39,8 @@ def build_synth(recipe: PipelineRecipe) -> SynthSection:
 
 
 def prefs_raw(recipe: PipelineRecipe) -> dict[str, Any]:
-    """A synth section with one `preferences` method: the SFT adapter answers, the reference answers judge."""
+    """A synth section with a `preferences` method (the SFT adapter answers, the reference answers judge; off with
+    `on_policy: false`) and a `fact_contrasts` method per entry of `contrasts:` (pairs rendered from fact tables)."""
     raw = stage_raw(recipe, "prefs")
     _refuse_output_dir(recipe, "prefs", raw)
     method: dict[str, Any] = {"kind": "preferences"}
@@ -47,6 +48,11 @@ def prefs_raw(recipe: PipelineRecipe) -> dict[str, Any]:
         if key in raw:
             method[key] = raw.pop(key)
     method["prompts"] = str(raw.pop("prompts", None) or recipe.out("synth") / "sft.jsonl")
+    on_policy = raw.pop("on_policy", True)
+    contrasts = raw.pop("contrasts", [])
+    if not isinstance(contrasts, list) or not all(isinstance(c, dict) for c in contrasts):
+        raise RecipeError(f"{recipe.path}: prefs.contrasts: a list of fact tables "
+                          "({table, templates, pairs_per_fact, reverse_pairs_per_fact})")
     policy = raw.pop("policy", None) or {}
     if not isinstance(policy, dict):
         raise RecipeError(f"{recipe.path}: prefs.policy: a teacher section (kind, path, temperature, ...)")
@@ -56,15 +62,19 @@ def prefs_raw(recipe: PipelineRecipe) -> dict[str, Any]:
     section = {
         "output_dir": str(recipe.out("prefs")),
         "seed": raw.pop("seed", recipe.pipeline.seed),
-        "methods": [{**method, "policy": policy}],
+        "methods": ([{**method, "policy": policy}] if on_policy else [])
+        + [{"kind": "fact_contrasts", **contrast} for contrast in contrasts],
+        "system_prompt": synth.get("system_prompt"),  # contrast pairs ask as the SFT items did
         # Short reference answers ("metformin") are fine here; the synth stage's eval sets stay out of pairs too.
         "filters": raw.pop("filters", {"min_response_words": 1}),
         "decontaminate": raw.pop("decontaminate", synth.get("decontaminate", {})),
     }
+    if not section["methods"]:
+        raise RecipeError(f"{recipe.path}: prefs: `on_policy: false` and no `contrasts:`: nothing would make pairs")
     if raw:
         keys = ", ".join(sorted(raw))
         raise RecipeError(f"{recipe.path}: prefs: unknown key(s) {keys}; prefs takes prompts, policy, filters, "
-                          f"decontaminate, seed and {', '.join(PREFS_METHOD_KEYS)}")
+                          f"decontaminate, seed, on_policy, contrasts and {', '.join(PREFS_METHOD_KEYS)}")
     return section
 
 
@@ -78,6 +88,11 @@ def _validate_prefs(recipe: PipelineRecipe, raw: dict[str, Any]) -> SynthSection
         return validate_section(SynthSection, raw, recipe.path, "prefs.")
     except RecipeError as err:  # name the keys as the user wrote them, not as the derived synth section has them
         message = str(err)
+        for index, method in enumerate(raw["methods"]):
+            if method["kind"] == "fact_contrasts":
+                written = f"prefs.contrasts[{index - (raw['methods'][0]['kind'] == 'preferences')}]."
+                for derived in (f"prefs.methods.{index}.fact_contrasts.", f"prefs.methods.{index}."):
+                    message = message.replace(derived, written)
         for derived in ("prefs.methods.0.preferences.", "prefs.methods.0.", "prefs.preferences."):
             message = message.replace(derived, "prefs.")
         raise RecipeError(message) from None
@@ -146,6 +161,10 @@ def check(recipe: PipelineRecipe, stage: str) -> None:
         _validate_prefs(recipe, raw)
         if "prompts" in stage_raw(recipe, "prefs"):
             _must_exist(recipe, "prefs.prompts", Path(raw["methods"][0]["prompts"]))
+        contrasts = [m for m in raw["methods"] if m["kind"] == "fact_contrasts"]
+        for index, contrast in enumerate(contrasts):
+            for key in ("table", "templates"):
+                _must_exist(recipe, f"prefs.contrasts[{index}].{key}", Path(contrast[key]))
     elif stage in ("sft", "dpo"):
         raw = sft_raw(recipe) if stage == "sft" else dpo_raw(recipe)
         validate_train(recipe, stage, raw)

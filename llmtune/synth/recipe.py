@@ -52,6 +52,17 @@ class FactTemplatesMethod(Section):
     choices: int = Field(4, ge=2, le=8)
 
 
+class FactContrastsMethod(Section):
+    """Preference pairs from a table of facts, no teacher: the chosen answer states the fact, the rejected one is
+    the same sentence with another entity's value (a hard negative, like a multiple-choice distractor)."""
+
+    kind: Literal["fact_contrasts"]
+    table: Path
+    templates: Path  # the fact_templates file: its questions and answers are rendered twice
+    pairs_per_fact: int = Field(2, ge=0)
+    reverse_pairs_per_fact: int = Field(1, ge=0)  # value -> entity questions, where the templates have `reverse:`
+
+
 class SelfInstructMethod(Section):
     """New tasks from few-shot samples of seed tasks and accepted machine tasks, then the teacher's answers."""
 
@@ -109,8 +120,12 @@ class PreferencesMethod(Section):
     chosen: Literal["best_sample", "reference"] = "best_sample"
 
 
+TEACHERLESS = ("fact_templates", "fact_contrasts", "preferences")  # preferences: its own `policy:` may do
+FACT_METHODS = ("fact_templates", "fact_contrasts")
+PAIR_METHODS = ("preferences", "fact_contrasts")  # methods whose items are chosen/rejected pairs
+
 Method = Annotated[
-    FactTemplatesMethod | SelfInstructMethod | EvolMethod | DocQaMethod | PreferencesMethod,
+    FactTemplatesMethod | FactContrastsMethod | SelfInstructMethod | EvolMethod | DocQaMethod | PreferencesMethod,
     Field(discriminator="kind"),
 ]
 
@@ -152,7 +167,7 @@ class SynthSection(Section):
 
     @model_validator(mode="after")
     def _rules(self) -> SynthSection:
-        needs_teacher = [m.kind for m in self.methods if m.kind not in ("fact_templates", "preferences")]
+        needs_teacher = [m.kind for m in self.methods if m.kind not in TEACHERLESS]
         if needs_teacher and self.teacher is None:
             raise ValueError(f"methods {', '.join(needs_teacher)} need a `teacher:` section")
         for index, method in enumerate(self.methods):
@@ -164,7 +179,7 @@ class SynthSection(Section):
             if method.kind == "preferences" and method.judge == "rubric" and self.teacher is None:
                 raise ValueError(f"methods[{index}]: `judge: rubric` asks the teacher: add a `teacher:` section")
         # Item ids are built from the method kind (and a fact table's file name): they must not collide.
-        keys = [f"fact_templates:{m.table.stem}" if m.kind == "fact_templates" else m.kind for m in self.methods]
+        keys = [f"{m.kind}:{m.table.stem}" if m.kind in FACT_METHODS else m.kind for m in self.methods]
         repeated = sorted({k for k in keys if keys.count(k) > 1})
         if repeated:
             raise ValueError(f"{', '.join(repeated)} appears more than once (fact tables need distinct file names)")

@@ -33,11 +33,11 @@ from llmtune.synth.decontam import EvalIndex
 from llmtune.synth.filters import apply_filters
 from llmtune.synth.methods.doc_qa import doc_qa
 from llmtune.synth.methods.evol import evol
-from llmtune.synth.methods.facts import fact_items
+from llmtune.synth.methods.facts import fact_contrasts, fact_items
 from llmtune.synth.methods.preferences import preference_pairs, sources_from_file, sources_from_records
 from llmtune.synth.methods.self_instruct import read_seed_tasks, self_instruct
 from llmtune.synth.prompts import PROMPTS_DIR
-from llmtune.synth.recipe import SynthSection, TeacherSection
+from llmtune.synth.recipe import PAIR_METHODS, SynthSection, TeacherSection
 from llmtune.synth.records import Record
 from llmtune.synth.teachers import Teacher, make_teacher
 
@@ -75,7 +75,7 @@ def synthesize(section: SynthSection, overwrite: bool = False, progress: Any = N
         journal.close()
     wall = time.perf_counter() - started
     report = _report(section, outcome, wall, len(journal.records) - resumed, fingerprint)
-    _write_outputs(out, outcome, report, any(m.kind == "preferences" for m in section.methods))
+    _write_outputs(out, outcome, report, any(m.kind in PAIR_METHODS for m in section.methods))
     return report
 
 
@@ -107,6 +107,11 @@ async def _run(section: SynthSection, journal: Journal, progress: Any) -> Outcom
                 outcome.generated += await doc_qa(method, context, teacher_for(section.teacher))
         _finish_sft(section, outcome, seeds, eval_index)
         for method in section.methods:
+            if method.kind == "fact_contrasts":
+                pairs = [_with_system(r, section.system_prompt) for r in fact_contrasts(method, section.seed)]
+                outcome.generated += pairs
+                _finish_preferences(outcome, pairs, eval_index)
+        for method in section.methods:
             if method.kind != "preferences":
                 continue
             from_sft = method.prompts == "sft"
@@ -134,6 +139,13 @@ def _finish_sft(section: SynthSection, outcome: Outcome, seeds: list[tuple[str, 
     outcome.matches += clean.matches
     system = [{"role": "system", "content": section.system_prompt}] if section.system_prompt else []
     outcome.sft = [{**r, "messages": [*system, *r["messages"]]} for r in clean.kept]
+
+
+def _with_system(record: Record, system_prompt: str | None) -> Record:
+    """A pair whose prompt starts with the run's system prompt, as its SFT items do."""
+    if not system_prompt or "prompt" not in record:
+        return record
+    return {**record, "prompt": [{"role": "system", "content": system_prompt}, *record["prompt"]]}
 
 
 def _finish_preferences(outcome: Outcome, pairs: list[Record], eval_index: EvalIndex) -> None:

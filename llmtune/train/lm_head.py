@@ -33,7 +33,16 @@ class LabelOnlyLMHead:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        install_label_only_lm_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        install_label_only_lm_head(self._causal_lm())
+
+    def _precompute_ref_logps(self, *args, **kwargs):
+        # TRL's DPO precomputes the reference log-probs inside its own __init__, before the install above: with
+        # TRL's head there, that pass scored every position through the 49k vocabulary (2x slower on SmolLM2).
+        install_label_only_lm_head(self._causal_lm())
+        return super()._precompute_ref_logps(*args, **kwargs)
+
+    def _causal_lm(self) -> torch.nn.Module:
+        return self.model.get_base_model() if is_peft_model(self.model) else self.model
 
 
 def install_label_only_lm_head(model: torch.nn.Module) -> bool:
@@ -48,6 +57,8 @@ def install_label_only_lm_head(model: torch.nn.Module) -> bool:
     )
     if any(value not in (None, 1, 1.0) for value in special) or getattr(config, "output_router_logits", False):
         return False
+    if getattr(model, "_label_only_lm_head", False):
+        return True  # installed already (before the reference pass)
     fused_forward = model.forward
 
     @functools.wraps(type(model).forward)
@@ -67,6 +78,7 @@ def install_label_only_lm_head(model: torch.nn.Module) -> bool:
         return FusedCausalLMOutput(loss=-per_token["log_probs"].sum() / count, label_mask=mask, **per_token)
 
     model.forward = types.MethodType(forward, model)
+    model._label_only_lm_head = True
     return True
 
 

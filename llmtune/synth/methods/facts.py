@@ -16,6 +16,12 @@ a multiple-choice stem, all Jinja over the row's columns:
 
 A model trained on one direction of a fact ("metformin is a biguanide") does not learn the other ("which drug is
 a biguanide?") — the reversal curse (Berglund et al., 2023) — so tables should carry both.
+
+`fact_contrasts` renders the same templates into preference pairs: the chosen answer states the fact, the rejected
+one is the same answer rendered with another entity's value ("Metformin is classed as a sulfonylurea"), or, for a
+reverse question, naming an entity whose value differs. Supervised fine-tuning on facts raises the likelihood of
+every value it saw, under every question; a multiple-choice item whose distractors are other entities' values
+then hinges on the link between entity and value, which is what these pairs train (DPO).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from llmtune.config import RecipeError
 from llmtune.data.loading import read_jsonl
 from llmtune.hashing import file_sha256
 from llmtune.synth.prompts import render_string
-from llmtune.synth.recipe import FactTemplatesMethod
+from llmtune.synth.recipe import FactContrastsMethod, FactTemplatesMethod
 from llmtune.synth.records import Record, accepted, rejected
 
 LETTERS = "ABCDEFGH"
@@ -56,11 +62,7 @@ class _Templates(BaseModel):
 
 
 def fact_items(method: FactTemplatesMethod, run_seed: int) -> list[Record]:
-    templates = _read_templates(method.templates)
-    rows = read_table(method.table)
-    _check_columns(method.table, rows, templates)
-    provenance_base = {"table": method.table.name, "table_sha256": file_sha256(method.table)[:16],
-                       "templates": method.templates.name, "templates_sha256": file_sha256(method.templates)[:16]}
+    templates, rows, provenance_base = _load_facts(method)
     records: list[Record] = []
     for row_id, row in rows:
         for attribute, phrasing in templates.attributes.items():
@@ -87,6 +89,61 @@ def fact_items(method: FactTemplatesMethod, run_seed: int) -> list[Record]:
                     records.append(_multiple_choice(item_id, row, attribute, phrasing, others, rng, method.choices,
                                                     where, provenance))
     return records
+
+
+def fact_contrasts(method: FactContrastsMethod, run_seed: int) -> list[Record]:
+    """Chosen/rejected pairs: the fact's answer against the same answer with another entity's value."""
+    templates, rows, provenance_base = _load_facts(method)
+    records: list[Record] = []
+    for row_id, row in rows:
+        for attribute, phrasing in templates.attributes.items():
+            value = str(row.get(attribute) or "").strip()
+            if not value:
+                continue
+            base_id = f"fact_contrasts:{method.table.stem}:{row_id}:{attribute}"
+            rng = random.Random(f"{run_seed}/{base_id}")
+            where = f"{method.templates}: attributes.{attribute}"
+            provenance = {"method": "fact_contrasts", "fact": f"{row_id}.{attribute}", **provenance_base}
+            others = [other for _, other in rows if str(other.get(attribute) or "").strip().lower() not in
+                      ("", value.lower())]
+            if not others:
+                continue  # every entity shares this value: nothing to contrast with
+            # Forward: the same answer with another entity's value. Reverse: another entity, whose value differs.
+            swaps = [(f"{base_id}:pair", phrasing, method.pairs_per_fact, attribute, {}),
+                     (f"{base_id}:rev", phrasing.reverse, method.reverse_pairs_per_fact, templates.entity,
+                      {"direction": "reverse"})]
+            for id_prefix, phrasings, count, swapped, extra in swaps:
+                if phrasings is None:
+                    continue
+                questions = rng.sample(phrasings.questions, len(phrasings.questions))
+                for k in range(count):
+                    item_id = f"{id_prefix}{k}"
+                    question = render_string(questions[k % len(questions)], where, **row)
+                    answer = rng.choice(phrasings.answers)
+                    other = rng.choice(others)
+                    chosen = render_string(answer, where, **row)
+                    wrong = render_string(answer, where, **{**row, swapped: other[swapped]})
+                    pair_provenance = {**provenance, **extra, "rejected_from": str(other.get("id") or "")}
+                    if wrong.strip().lower() == chosen.strip().lower():
+                        records.append(rejected(item_id, "fact_contrasts", "validation", f"answer phrasing "
+                                                f"{answer!r} does not name {swapped}", pair_provenance))
+                        continue
+                    pair = {"prompt": [{"role": "user", "content": question}],
+                            "chosen": [{"role": "assistant", "content": chosen}],
+                            "rejected": [{"role": "assistant", "content": wrong}]}
+                    records.append(accepted(item_id, "fact_contrasts", pair_provenance, pair=pair))
+    return records
+
+
+def _load_facts(method: FactTemplatesMethod | FactContrastsMethod
+                ) -> tuple[_Templates, list[tuple[str, dict[str, Any]]], dict[str, Any]]:
+    """The templates, the table's rows (checked against each other) and the provenance every item carries."""
+    templates = _read_templates(method.templates)
+    rows = read_table(method.table)
+    _check_columns(method.table, rows, templates)
+    provenance = {"table": method.table.name, "table_sha256": file_sha256(method.table)[:16],
+                  "templates": method.templates.name, "templates_sha256": file_sha256(method.templates)[:16]}
+    return templates, rows, provenance
 
 
 def _question_answers(id_prefix: str, phrasing: _Phrasings, count: int, rng: random.Random, where: str,
