@@ -88,11 +88,11 @@ def _validate_prefs(recipe: PipelineRecipe, raw: dict[str, Any]) -> SynthSection
         return validate_section(SynthSection, raw, recipe.path, "prefs.")
     except RecipeError as err:  # name the keys as the user wrote them, not as the derived synth section has them
         message = str(err)
-        for index, method in enumerate(raw["methods"]):
-            if method["kind"] == "fact_contrasts":
-                written = f"prefs.contrasts[{index - (raw['methods'][0]['kind'] == 'preferences')}]."
-                for derived in (f"prefs.methods.{index}.fact_contrasts.", f"prefs.methods.{index}."):
-                    message = message.replace(derived, written)
+        first_contrast = int(raw["methods"][0]["kind"] == "preferences")  # contrasts follow the on-policy method
+        for index in range(first_contrast, len(raw["methods"])):
+            written = f"prefs.contrasts[{index - first_contrast}]."
+            for derived in (f"prefs.methods.{index}.fact_contrasts.", f"prefs.methods.{index}."):
+                message = message.replace(derived, written)
         for derived in ("prefs.methods.0.preferences.", "prefs.methods.0.", "prefs.preferences."):
             message = message.replace(derived, "prefs.")
         raise RecipeError(message) from None

@@ -113,25 +113,33 @@ def fact_contrasts(method: FactContrastsMethod, run_seed: int) -> list[Record]:
                      (f"{base_id}:rev", phrasing.reverse, method.reverse_pairs_per_fact, templates.entity,
                       {"direction": "reverse"})]
             for id_prefix, phrasings, count, swapped, extra in swaps:
-                if phrasings is None:
-                    continue
-                questions = rng.sample(phrasings.questions, len(phrasings.questions))
-                for k in range(count):
-                    item_id = f"{id_prefix}{k}"
-                    question = render_string(questions[k % len(questions)], where, **row)
-                    answer = rng.choice(phrasings.answers)
-                    other = rng.choice(others)
-                    chosen = render_string(answer, where, **row)
-                    wrong = render_string(answer, where, **{**row, swapped: other[swapped]})
-                    pair_provenance = {**provenance, **extra, "rejected_from": str(other.get("id") or "")}
-                    if wrong.strip().lower() == chosen.strip().lower():
-                        records.append(rejected(item_id, "fact_contrasts", "validation", f"answer phrasing "
-                                                f"{answer!r} does not name {swapped}", pair_provenance))
-                        continue
-                    pair = {"prompt": [{"role": "user", "content": question}],
-                            "chosen": [{"role": "assistant", "content": chosen}],
-                            "rejected": [{"role": "assistant", "content": wrong}]}
-                    records.append(accepted(item_id, "fact_contrasts", pair_provenance, pair=pair))
+                if phrasings is not None:
+                    records += _contrast_pairs(id_prefix, phrasings, count, swapped, rng, where, row, others,
+                                               {**provenance, **extra})
+    return records
+
+
+def _contrast_pairs(id_prefix: str, phrasings: _Phrasings, count: int, swapped: str, rng: random.Random, where: str,
+                    row: dict[str, Any], others: list[dict[str, Any]], provenance: dict[str, Any]) -> list[Record]:
+    """`count` pairs: an answer rendered from `row`, and the same answer with `swapped` taken from another row."""
+    questions = rng.sample(phrasings.questions, len(phrasings.questions))
+    records = []
+    for k in range(count):
+        item_id = f"{id_prefix}{k}"
+        question = render_string(questions[k % len(questions)], where, **row)
+        answer = rng.choice(phrasings.answers)
+        other = rng.choice(others)
+        chosen = render_string(answer, where, **row)
+        wrong = render_string(answer, where, **{**row, swapped: other[swapped]})
+        pair_provenance = {**provenance, "rejected_from": str(other.get("id") or "")}
+        if wrong.strip().lower() == chosen.strip().lower():
+            records.append(rejected(item_id, "fact_contrasts", "validation",
+                                    f"answer phrasing {answer!r} does not name {swapped}", pair_provenance))
+            continue
+        pair = {"prompt": [{"role": "user", "content": question}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": wrong}]}
+        records.append(accepted(item_id, "fact_contrasts", pair_provenance, pair=pair))
     return records
 
 
