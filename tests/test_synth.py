@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from llmtune.config import RecipeError
+from llmtune.synth.methods.facts import read_table
 from llmtune.synth.recipe import load_synth_recipe
 from llmtune.synth.run import SynthError, synthesize
 from tests.helpers import REPO, run_cli
@@ -162,7 +163,7 @@ def test_fact_contrasts_pair_each_fact_with_another_entitys_value(tmp_path):
                  "pairs_per_fact": 3, "reverse_pairs_per_fact": 1}
     recipe = write_recipe(tmp_path, [contrasts], system_prompt="You are terse.")
     report = synthesize(load_synth_recipe(recipe))
-    table = {row["id"]: row for row in read_jsonl_csv(tmp_path / "domain" / "drugs.csv")}
+    table = dict(read_table(tmp_path / "domain" / "drugs.csv"))
     pairs = read_jsonl(tmp_path / "out" / "preferences.jsonl")
     rejects = read_jsonl(tmp_path / "out" / "rejects.jsonl")
     assert report["kept"] == {"sft": 0, "preferences": len(pairs), "sft_by_method": {}}
@@ -185,13 +186,6 @@ def test_fact_contrasts_pair_each_fact_with_another_entitys_value(tmp_path):
     synthesize(load_synth_recipe(write_recipe(tmp_path, [contrasts], name="again.yaml", output="again",
                                               system_prompt="You are terse.")))
     assert read_jsonl(again / "preferences.jsonl") == pairs  # deterministic per seed
-
-
-def read_jsonl_csv(path: Path) -> list[dict]:
-    import csv
-
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_fact_contrasts_are_decontaminated_like_other_pairs(tmp_path):

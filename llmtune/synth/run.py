@@ -108,7 +108,9 @@ async def _run(section: SynthSection, journal: Journal, progress: Any) -> Outcom
         _finish_sft(section, outcome, seeds, eval_index)
         for method in section.methods:
             if method.kind == "fact_contrasts":
-                pairs = [_with_system(r, section.system_prompt) for r in fact_contrasts(method, section.seed)]
+                system = _system_turns(section)  # contrast pairs ask as the SFT items do
+                pairs = [{**r, "prompt": [*system, *r["prompt"]]} if r["status"] == "ok" else r
+                         for r in fact_contrasts(method, section.seed)]
                 outcome.generated += pairs
                 _finish_preferences(outcome, pairs, eval_index)
         for method in section.methods:
@@ -137,15 +139,13 @@ def _finish_sft(section: SynthSection, outcome: Outcome, seeds: list[tuple[str, 
     clean = eval_index.check(filtered.kept)
     outcome.rejects += clean.removed
     outcome.matches += clean.matches
-    system = [{"role": "system", "content": section.system_prompt}] if section.system_prompt else []
+    system = _system_turns(section)
     outcome.sft = [{**r, "messages": [*system, *r["messages"]]} for r in clean.kept]
 
 
-def _with_system(record: Record, system_prompt: str | None) -> Record:
-    """A pair whose prompt starts with the run's system prompt, as its SFT items do."""
-    if not system_prompt or "prompt" not in record:
-        return record
-    return {**record, "prompt": [{"role": "system", "content": system_prompt}, *record["prompt"]]}
+def _system_turns(section: SynthSection) -> list[dict[str, str]]:
+    """What every synthesized conversation starts with: the run's system prompt, if it has one."""
+    return [{"role": "system", "content": section.system_prompt}] if section.system_prompt else []
 
 
 def _finish_preferences(outcome: Outcome, pairs: list[Record], eval_index: EvalIndex) -> None:

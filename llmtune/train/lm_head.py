@@ -37,7 +37,8 @@ class LabelOnlyLMHead:
 
     def _precompute_ref_logps(self, *args, **kwargs):
         # TRL's DPO precomputes the reference log-probs inside its own __init__, before the install above: with
-        # TRL's head there, that pass scored every position through the 49k vocabulary (2x slower on SmolLM2).
+        # TRL's head there, that pass scored every position through the 49k vocabulary (on SmolLM2, 1.3 s
+        # instead of 1.0 s per 8 pairs).
         install_label_only_lm_head(self._causal_lm())
         return super()._precompute_ref_logps(*args, **kwargs)
 
