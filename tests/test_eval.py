@@ -284,6 +284,43 @@ def test_judge_tasks_grade_answers_through_a_teacher_endpoint(tmp_path, tiny_mod
     assert "Request: Request number 1, please." in seen and 'expected behaviour is: refer' in seen
     assert f"Assistant's answer: {items['s1']['prediction']}" in seen
 
+def test_a_local_judge_that_is_the_evaluated_base_reuses_the_loaded_model(tmp_path, adapter_run, monkeypatch):
+    import llmtune.inference.loading as loading
+
+    rows = [{"id": f"s{i}", "category": "refer", "prompt": f"Request number {i}, please.", "expected": "refer"}
+            for i in range(4)]
+    data = write_jsonl(tmp_path / "safety.jsonl", rows)
+    loads: list[str] = []
+    load = loading.load_for_inference
+
+    def counted(target: str, *args, **kwargs):
+        loads.append(target)
+        return load(target, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_for_inference", counted)
+
+    def judged(folder: str) -> dict[str, list[str | None]]:
+        section = EvalSection(
+            output_dir=tmp_path / folder,
+            models=[{"name": "base", "path": "builtin:tiny"}, {"name": "tuned", "path": str(adapter_run)}],
+            tasks=[{"name": "safety", "kind": "judge", "path": data, "judge_prompt": "judge_safety",
+                    "max_new_tokens": 6}],
+            judge={"kind": "local", "path": "builtin:tiny", "max_tokens": 6})
+        evaluate(section)
+        return {model: [json.loads(x)["judge_reply"] for x in
+                        (tmp_path / folder / "items" / "safety" / f"{model}.jsonl").read_text().splitlines()]
+                for model in ("base", "tuned")}
+
+    reused = judged("reused")
+    assert loads == ["builtin:tiny", str(adapter_run)]  # the judge came from the models already in memory
+    monkeypatch.setattr(loading, "serves_base_of", lambda loaded, target: False)
+    loads.clear()
+    separate = judged("separate")
+    assert loads == ["builtin:tiny", "builtin:tiny", str(adapter_run), "builtin:tiny"]
+    # with the tuned model's adapter switched off, its base judges exactly as a judge loaded on its own
+    assert reused == separate and all(reply is not None for replies in reused.values() for reply in replies)
+
+
 
 def test_report_html_renders_its_plots_in_headless_chromium(tmp_path, tiny_model_dir):
     import shutil

@@ -30,7 +30,7 @@ def score_judged(loaded: Loaded, adapter: str, items: list[GenerativeItem], syst
     graded: list[dict[str, Any]] = []
 
     async def grade_all() -> None:
-        teacher = make_teacher(judge)
+        teacher = make_teacher(judge, in_memory=loaded)
         try:
             async def grade(item: GenerativeItem, answer: str) -> None:
                 question = item.messages[-1][1]

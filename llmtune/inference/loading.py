@@ -31,6 +31,7 @@ class Loaded:
     tokenizer: object
     base_name: str  # what clients call the base model
     adapters: dict[str, Path] = field(default_factory=dict)  # name -> adapter folder
+    base: ModelSection | None = None  # how the base was loaded
 
     @property
     def names(self) -> list[str]:
@@ -55,6 +56,12 @@ def _base_section(target: str) -> ModelSection:
         saved = yaml.safe_load((Path(target) / "recipe.yaml").read_text())
         return ModelSection.model_validate(saved["model"])
     return ModelSection(name_or_path=target)
+
+
+def serves_base_of(loaded: Loaded, target: str) -> bool:
+    """Whether `loaded` already holds the model `target` names (a plain model, loaded the same way): its base
+    with the adapters off serves it, no second copy needed."""
+    return loaded.base is not None and not is_run_folder(target) and _base_section(target) == loaded.base
 
 
 def load_for_inference(target: str, adapters: dict[str, str] | None = None) -> Loaded:
@@ -88,4 +95,4 @@ def load_for_inference(target: str, adapters: dict[str, str] | None = None) -> L
     model.eval()
     base_name = Path(section.name_or_path).name if Path(section.name_or_path).exists() else section.name_or_path
     log.info("serving %s%s", base_name, f" with adapters {', '.join(named)}" if named else "")
-    return Loaded(model, tokenizer, base_name, named)
+    return Loaded(model, tokenizer, base_name, named, section)

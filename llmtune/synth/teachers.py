@@ -16,10 +16,13 @@ import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from llmtune.errors import LlmtuneError
 from llmtune.synth.recipe import TeacherSection
+
+if TYPE_CHECKING:
+    from llmtune.inference.loading import Loaded
 
 Messages = list[dict[str, str]]
 
@@ -109,14 +112,18 @@ class OpenAITeacher:
 class LocalTeacher:
     batch_size = 16  # greedy requests generated together
 
-    def __init__(self, section: TeacherSection) -> None:
+    def __init__(self, section: TeacherSection, loaded: Loaded | None = None) -> None:
+        """`loaded`: a model already in memory whose base is the teacher (its adapters are switched off)."""
         from llmtune.inference.loading import load_for_inference
 
         self.section = section
         self.name = f"local:{section.path}"
         self.max_concurrency = 1
-        self.loaded = load_for_inference(section.path)
-        self.adapter = next(iter(self.loaded.adapters), None) or self.loaded.adapter_for(self.loaded.base_name)
+        if loaded is not None:
+            self.loaded, self.adapter = loaded, loaded.adapter_for(loaded.base_name)
+        else:
+            self.loaded = load_for_inference(section.path)
+            self.adapter = next(iter(self.loaded.adapters), None) or self.loaded.adapter_for(self.loaded.base_name)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmtune-teacher")
         self.waiting: list[tuple[object, asyncio.Future]] = []
         self.flushing = False
@@ -189,8 +196,15 @@ class LocalTeacher:
         self.worker.shutdown(wait=True)
 
 
-def make_teacher(section: TeacherSection) -> Teacher:
-    return OpenAITeacher(section) if section.kind == "openai" else LocalTeacher(section)
+def make_teacher(section: TeacherSection, in_memory: Loaded | None = None) -> Teacher:
+    """`in_memory`: a loaded model that a local teacher reuses when it is the teacher's model (an eval judges its
+    model's answers with the same base: one copy, not a reload per evaluated model)."""
+    if section.kind == "openai":
+        return OpenAITeacher(section)
+    from llmtune.inference.loading import serves_base_of
+
+    reuse = in_memory is not None and section.path is not None and serves_base_of(in_memory, section.path)
+    return LocalTeacher(section, in_memory if reuse else None)
 
 
 def _short(text: str, limit: int = 200) -> str:
