@@ -2,11 +2,14 @@
 
     python benchmarks/dpo_vs_trl.py [--model builtin:smollm2-135m-instruct] [--steps 8] [--rounds 2]
 
+On a GPU, `--model random:meta-llama/Llama-3.1-8B-Instruct` runs the real 8B shape with random bf16 weights.
+
 Both sides train a fresh LoRA (r=16, alpha=32, all-linear) from the base with DPO (sigmoid, beta 0.1) on
 `recipes/clinical-qa/data/prefs.jsonl`, batch 4, for the same number of optimizer steps, in alternation
 (trl, llmtune, trl, llmtune, ...) so that machine noise hits both. Reported per side: optimizer steps/s from
 the trainer's own `train_runtime` (start-up excluded), wall time of the whole command, peak RSS
-(/usr/bin/time), and the final logged loss. Written to benchmarks/results/dpo_vs_trl.json.
+(wait4, as /usr/bin/time reads it) and on a GPU the peak device memory the command added (NVML), and the final
+logged loss. Written to benchmarks/results/dpo_vs_trl[-gpu].json.
 """
 
 from __future__ import annotations
@@ -15,13 +18,21 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, last_metric, model_folder, timed, write_results
+from common import (
+    DEFAULT_TOKENIZER,
+    REPO,
+    last_metric,
+    llmtune_train_runtime,
+    median,
+    model_folder,
+    timed,
+    write_results,
+)
 
 PREFS = REPO / "recipes" / "clinical-qa" / "data" / "prefs.jsonl"
 
@@ -42,26 +53,24 @@ def run_trl(model_dir: Path, data_dir: Path, out: Path, steps: int, env: dict[st
         # The one flag a CPU user must add: without it TRL's defaults (bf16) stop with "doesn't support bf16/gpu".
         *(["--use_cpu"] if not torch_cuda_available() else []),
     ]
-    result, wall, rss = timed(command, env)
-    text = result.stdout + result.stderr
-    return {"steps_per_s": steps / last_metric(text, "train_runtime"), "wall_s": wall, "peak_rss_mb": rss,
-            "final_loss": last_metric(text, "loss")}
+    run = timed(command, env)
+    text = run.stdout + run.stderr
+    return {"steps_per_s": steps / last_metric(text, "train_runtime"), "wall_s": run.wall_s,
+            "peak_rss_mb": run.peak_rss_mb, "peak_gpu_mb": run.peak_gpu_mb, "final_loss": last_metric(text, "loss")}
 
 
-def run_llmtune(model: str, out: Path, steps: int, env: dict[str, str]) -> dict:
+def run_llmtune(model_dir: Path, out: Path, steps: int, env: dict[str, str]) -> dict:
     recipe = out.parent / f"{out.name}.yaml"
     recipe.write_text(json.dumps({
-        "method": "dpo", "output_dir": str(out), "model": {"name_or_path": model},
+        "method": "dpo", "output_dir": str(out), "model": {"name_or_path": str(model_dir)},
         "adapter": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
         "data": {"train": [{"path": str(PREFS)}], "max_length": 512},
         "train": {"max_steps": steps, "batch_size": 4, "learning_rate": 1e-6, "logging_steps": 1},
     }))
-    _, wall, rss = timed([sys.executable, "-m", "llmtune", "train", str(recipe)], env)
-    manifest = json.loads((out / "manifest.json").read_text())
-    # Every step's log carries the running train_runtime; the last entry is the whole run.
-    runtime = [r["train_runtime"] for r in manifest["train"]["log"] if "train_runtime" in r][-1]
-    return {"steps_per_s": steps / runtime, "wall_s": wall, "peak_rss_mb": rss,
-            "final_loss": manifest["train"]["final_loss"]}
+    run = timed([sys.executable, "-m", "llmtune", "train", str(recipe)], env)
+    manifest, runtime = llmtune_train_runtime(out)
+    return {"steps_per_s": steps / runtime, "wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb,
+            "peak_gpu_mb": run.peak_gpu_mb, "final_loss": manifest["final_loss"]}
 
 
 def main() -> None:
@@ -69,10 +78,12 @@ def main() -> None:
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+                        help="Tokenizer (and chat template) of a random:ARCHITECTURE model.")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results", help="Folder for the JSON.")
     args = parser.parse_args()
 
-    model_dir = model_folder(args.model)
+    model_dir = model_folder(args.model, args.tokenizer)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     work = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     data_dir = work / "prefs"
@@ -88,22 +99,25 @@ def main() -> None:
     results: dict[str, list[dict]] = {"trl dpo (defaults)": [], "llmtune": []}
     for i in range(args.rounds):
         results["trl dpo (defaults)"].append(run_trl(model_dir, data_dir, work / f"trl-{i}", args.steps, env))
-        results["llmtune"].append(run_llmtune(args.model, work / f"llmtune-{i}", args.steps, env))
+        results["llmtune"].append(run_llmtune(model_dir, work / f"llmtune-{i}", args.steps, env))
 
-    summary = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
+    summary = {name: {k: median([r[k] for r in runs]) for k in runs[0]} for name, runs in results.items()}
     trl = summary["trl dpo (defaults)"]
-    ratios = {name: {"steps_per_s": row["steps_per_s"] / trl["steps_per_s"],
-                     "peak_rss": row["peak_rss_mb"] / trl["peak_rss_mb"]}
+    on_gpu = trl["peak_gpu_mb"] is not None
+    memory = "peak_gpu_mb" if on_gpu else "peak_rss_mb"
+    ratios = {name: {"steps_per_s": row["steps_per_s"] / trl["steps_per_s"], "peak_memory": row[memory] / trl[memory]}
               for name, row in summary.items() if name != "trl dpo (defaults)"}
     print(f"DPO, {args.model}, LoRA r16 all-linear, batch 4, {args.steps} steps, median of {args.rounds} rounds")
-    print(f"{'side':<22}{'steps/s':>9}{'wall s':>9}{'peak RSS MB':>13}{'final loss':>12}")
+    print(f"{'side':<22}{'steps/s':>9}{'wall s':>9}{'peak RSS MB':>13}{'peak GPU MB':>13}{'final loss':>12}")
     for name, row in summary.items():
-        print(f"{name:<22}{row['steps_per_s']:>9.3f}{row['wall_s']:>9.1f}{row['peak_rss_mb']:>13.0f}"
+        gpu = f"{row['peak_gpu_mb']:>13.0f}" if on_gpu else f"{'-':>13}"
+        print(f"{name:<22}{row['steps_per_s']:>9.3f}{row['wall_s']:>9.1f}{row['peak_rss_mb']:>13.0f}{gpu}"
               f"{row['final_loss']:>12.4f}")
     for name, ratio in ratios.items():
-        print(f"{name} / trl: steps/s x{ratio['steps_per_s']:.2f}, peak RSS x{ratio['peak_rss']:.2f}")
-    write_results("dpo_vs_trl", args.results, {"model": args.model, "steps": args.steps, "rounds": results,
-                                              "summary": summary, "ratios_vs_trl": ratios})
+        print(f"{name} / trl: steps/s x{ratio['steps_per_s']:.2f}, peak {'GPU memory' if on_gpu else 'RSS'} "
+              f"x{ratio['peak_memory']:.2f}")
+    write_results(f"dpo_vs_trl{'-gpu' if on_gpu else ''}", args.results, {
+        "model": args.model, "steps": args.steps, "rounds": results, "summary": summary, "ratios_vs_trl": ratios})
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -45,7 +45,10 @@ def _runnable(command: str, out: Path, sft_run: Path | None) -> str:
         command = re.sub(r" --\S+ \d+", "", command) + f" --items 8 --latency-ms 20 --results {shlex.quote(str(out))}"
         return command.replace(".venv/bin/", f"{BIN}/")
     if command.startswith(".venv/bin/python benchmarks/"):  # the same script on the tiny model, in seconds
-        command = re.sub(r" --\S+ \d+", "", command) + f" --model builtin:tiny --results {shlex.quote(str(out))}"
+        # A GPU command's random 8B weights become random weights of the tiny architecture: the same code path.
+        model = "random:builtin:tiny --tokenizer builtin:tiny" if "random:" in command else "builtin:tiny"
+        command = re.sub(r" --model \S+| --\S+ \d+(?=\s|$)", "", command)
+        command += f" --model {model} --results {shlex.quote(str(out))}"
         small = {"dpo_vs_trl": " --steps 2 --rounds 1", "eval_vs_lm_eval": " --items 8 --rounds 1",
                  "sft_vs_trl": " --epochs 1 --rounds 1"}
         command += next((v for k, v in small.items() if k in command), " --requests 4 --tokens 4")
