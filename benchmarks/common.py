@@ -32,13 +32,12 @@ def timed(command: list[str], env: dict[str, str]) -> Measured:
     """Run `command`; its wall time, its peak RSS (from wait4, like /usr/bin/time) and its peak GPU memory."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, GpuMemoryPeak() as gpu:
         started = time.perf_counter()
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)  # reaps the child itself: its own rusage, not the sum of all
         wall = time.perf_counter() - started
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
-    if process.returncode != 0:
+    if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"failed: {' '.join(command)}\n{stderr[-3000:]}")
     return Measured(stdout, stderr, wall, usage.ru_maxrss / 1024, gpu.peak_mb)
 
@@ -66,7 +65,7 @@ class GpuMemoryPeak:
         def sample() -> None:
             while not self._stop.wait(0.02):
                 used = (pynvml.nvmlDeviceGetMemoryInfo(handle).used - baseline) / 2**20
-                self.peak_mb = max(self.peak_mb or 0.0, used)
+                self.peak_mb = max(self.peak_mb, used)
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
@@ -83,6 +82,16 @@ def median(values: list[float | None]) -> float | None:
     import statistics
 
     return None if None in values else statistics.median(values)
+
+
+def peak_memory(on_gpu: bool) -> tuple[str, str]:
+    """The figure that compares sides' memory, and its name: peak GPU memory on a GPU, peak RSS elsewhere."""
+    return ("peak_gpu_mb", "GPU memory") if on_gpu else ("peak_rss_mb", "RSS")
+
+
+def gpu_column(row: dict) -> str:
+    """A side's peak GPU memory, 13 wide; a dash on a CPU."""
+    return f"{'-':>13}" if row["peak_gpu_mb"] is None else f"{row['peak_gpu_mb']:>13.0f}"
 
 
 def last_metric(text: str, key: str) -> float:
@@ -124,12 +133,12 @@ def random_model_folder(architecture: str, tokenizer: str = DEFAULT_TOKENIZER) -
     config = architecture_config(architecture)
     if config is None:
         sys.exit(f"random:{architecture}: not a model folder nor one of {', '.join(KNOWN_CONFIGS)}")
-    tokens = AutoTokenizer.from_pretrained(model_folder(tokenizer))
-    if len(tokens) > config.vocab_size:
-        sys.exit(f"{tokenizer} has {len(tokens)} tokens, more than {architecture}'s vocabulary of {config.vocab_size}")
     target = cache_dir() / "random" / re.sub(r"[^A-Za-z0-9.-]+", "_", f"{architecture}--{Path(tokenizer).name}")
     if (target / "config.json").is_file():
         return target
+    tokens = AutoTokenizer.from_pretrained(model_folder(tokenizer))
+    if len(tokens) > config.vocab_size:
+        sys.exit(f"{tokenizer} has {len(tokens)} tokens, more than {architecture}'s vocabulary of {config.vocab_size}")
     config.eos_token_id = config.pad_token_id = tokens.eos_token_id
     config.bos_token_id = tokens.bos_token_id
     torch.manual_seed(0)
@@ -138,7 +147,6 @@ def random_model_folder(architecture: str, tokenizer: str = DEFAULT_TOKENIZER) -
     with atomic_folder(target, replace=False) as staging:
         model.save_pretrained(staging)
         tokens.save_pretrained(staging)
-    del model
     return target
 
 

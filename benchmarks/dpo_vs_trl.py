@@ -26,10 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     DEFAULT_TOKENIZER,
     REPO,
+    gpu_column,
     last_metric,
     llmtune_train_runtime,
     median,
     model_folder,
+    peak_memory,
     timed,
     write_results,
 )
@@ -103,20 +105,17 @@ def main() -> None:
 
     summary = {name: {k: median([r[k] for r in runs]) for k in runs[0]} for name, runs in results.items()}
     trl = summary["trl dpo (defaults)"]
-    on_gpu = trl["peak_gpu_mb"] is not None
-    memory = "peak_gpu_mb" if on_gpu else "peak_rss_mb"
+    memory, memory_name = peak_memory(on_gpu=trl["peak_gpu_mb"] is not None)
     ratios = {name: {"steps_per_s": row["steps_per_s"] / trl["steps_per_s"], "peak_memory": row[memory] / trl[memory]}
               for name, row in summary.items() if name != "trl dpo (defaults)"}
     print(f"DPO, {args.model}, LoRA r16 all-linear, batch 4, {args.steps} steps, median of {args.rounds} rounds")
     print(f"{'side':<22}{'steps/s':>9}{'wall s':>9}{'peak RSS MB':>13}{'peak GPU MB':>13}{'final loss':>12}")
     for name, row in summary.items():
-        gpu = f"{row['peak_gpu_mb']:>13.0f}" if on_gpu else f"{'-':>13}"
-        print(f"{name:<22}{row['steps_per_s']:>9.3f}{row['wall_s']:>9.1f}{row['peak_rss_mb']:>13.0f}{gpu}"
+        print(f"{name:<22}{row['steps_per_s']:>9.3f}{row['wall_s']:>9.1f}{row['peak_rss_mb']:>13.0f}{gpu_column(row)}"
               f"{row['final_loss']:>12.4f}")
     for name, ratio in ratios.items():
-        print(f"{name} / trl: steps/s x{ratio['steps_per_s']:.2f}, peak {'GPU memory' if on_gpu else 'RSS'} "
-              f"x{ratio['peak_memory']:.2f}")
-    write_results(f"dpo_vs_trl{'-gpu' if on_gpu else ''}", args.results, {
+        print(f"{name} / trl: steps/s x{ratio['steps_per_s']:.2f}, peak {memory_name} x{ratio['peak_memory']:.2f}")
+    write_results(f"dpo_vs_trl{'-gpu' if memory == 'peak_gpu_mb' else ''}", args.results, {
         "model": args.model, "steps": args.steps, "rounds": results, "summary": summary, "ratios_vs_trl": ratios})
     shutil.rmtree(work, ignore_errors=True)
 

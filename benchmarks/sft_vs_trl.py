@@ -39,12 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     DEFAULT_TOKENIZER,
     REPO,
+    gpu_column,
     heldout_loss,
     last_metric,
     llmtune_train_runtime,
     matmul_peak_gflops,
     median,
     model_folder,
+    peak_memory,
     timed,
     write_results,
 )
@@ -142,12 +144,12 @@ def main() -> None:
     }
     chosen = {"trl": "trl sft (defaults)", "trl-tuned": "trl sft (hand-tuned)", "llmtune": "llmtune"}
     names = [chosen[s.strip()] for s in args.sides.split(",")]
-    peak = matmul_peak_gflops()
+    peak, parameters = matmul_peak_gflops(), _parameters(model_dir)
     results: dict[str, list[dict]] = {name: [] for name in names}
     for round_index in range(args.rounds):
         for i, name in enumerate(names):
             row = runners[name](work / f"side{i}-round{round_index}")
-            row["mfu"] = row["tokens_per_s"] * 4 * _parameters(model_dir) / (peak * 1e9)
+            row["mfu"] = row["tokens_per_s"] * 4 * parameters / (peak * 1e9)
             results[name].append(row)
             print(f"round {round_index} {name}: {row['tokens_per_s']:.0f} tokens/s", flush=True)
     peak_after = matmul_peak_gflops()
@@ -157,15 +159,14 @@ def main() -> None:
 
     summary = {name: {k: median([r[k] for r in runs]) for k in runs[0]} for name, runs in results.items()}
     on_gpu = summary[names[0]]["peak_gpu_mb"] is not None
-    memory = "peak_gpu_mb" if on_gpu else "peak_rss_mb"
+    memory, memory_name = peak_memory(on_gpu)
     print(f"\n{'QLoRA' if args.load_in else 'LoRA'} SFT, {args.model}, r16 all-linear, batch {BATCH}, "
           f"{args.epochs:g} epochs of {len(train_rows)} rows, median of {args.rounds} rounds; "
           f"bf16 matmul peak {peak:.0f} GFLOP/s (after: {peak_after:.0f})")
     print(f"{'side':<22}{'tokens/s':>10}{'step s':>8}{'peak RSS MB':>13}{'peak GPU MB':>13}{'MFU':>7}"
           f"{'held-out loss':>15}")
     for name, row in summary.items():
-        gpu = f"{row['peak_gpu_mb']:>13.0f}" if on_gpu else f"{'-':>13}"
-        print(f"{name:<22}{row['tokens_per_s']:>10.0f}{row['step_s']:>8.2f}{row['peak_rss_mb']:>13.0f}{gpu}"
+        print(f"{name:<22}{row['tokens_per_s']:>10.0f}{row['step_s']:>8.2f}{row['peak_rss_mb']:>13.0f}{gpu_column(row)}"
               f"{row['mfu']:>7.1%}{row['heldout_loss']:>15.4f}")
     ratios = {}
     if "llmtune" in summary:
@@ -174,8 +175,8 @@ def main() -> None:
                 ratios[name] = {"tokens_per_s": summary["llmtune"]["tokens_per_s"] / row["tokens_per_s"],
                                 "peak_memory": summary["llmtune"][memory] / row[memory],
                                 "heldout_loss": summary["llmtune"]["heldout_loss"] / row["heldout_loss"]}
-                print(f"llmtune / {name}: tokens/s x{ratios[name]['tokens_per_s']:.2f}, peak "
-                      f"{'GPU memory' if on_gpu else 'RSS'} x{ratios[name]['peak_memory']:.2f}, "
+                print(f"llmtune / {name}: tokens/s x{ratios[name]['tokens_per_s']:.2f}, peak {memory_name} "
+                      f"x{ratios[name]['peak_memory']:.2f}, "
                       f"held-out loss x{ratios[name]['heldout_loss']:.3f}")
     out = write_results(f"sft_vs_trl{'-' + args.load_in if args.load_in else ''}{'-gpu' if on_gpu else ''}",
                         args.results, {
