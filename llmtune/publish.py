@@ -94,7 +94,7 @@ def _eval_results(report: dict[str, Any], model: str) -> list[Any]:
     from huggingface_hub import EvalResult
 
     task_types = {"mcq": "multiple-choice", "generative": "text-generation", "judge": "text-generation",
-                  "classification": "text-classification"}
+                  "rules": "text-generation", "classification": "text-classification"}
     return [
         EvalResult(task_type=task_types[task["kind"]], task_name=task["name"], dataset_type="json",
                    dataset_name=f"{task['name']} ({Path(task['file']).name}, sha256 {task['sha256'][:16]})",

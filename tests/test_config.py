@@ -14,10 +14,13 @@ SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
 
 
 def shipped_kind(path: Path) -> str:
-    """accelerate config, synthesis recipe, fact templates (data for synthesis) or training recipe."""
+    """accelerate config, synthesis recipe, fact templates (data for synthesis), eval data (phrase rules) or
+    training recipe."""
     raw = yaml.safe_load(path.read_text())
     if "accelerate" in path.parts:
         return "accelerate"
+    if "eval" in path.parent.parts and "data" in path.parent.parts:
+        return "eval_rules"
     if "pipeline" in raw:
         return "pipeline"
     if "synth" in raw:
@@ -173,6 +176,14 @@ def test_every_shipped_synth_recipe_validates_and_names_its_command(path):
 
 
 EVAL_RECIPES = [p for p in SHIPPED if shipped_kind(p) == "eval"]
+RULES_FILES = [p for p in SHIPPED if shipped_kind(p) == "eval_rules"]
+
+
+@pytest.mark.parametrize("path", RULES_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_behaviour_rules_load(path):
+    from llmtune.eval.rules import load_behaviour_rules
+
+    assert all(load_behaviour_rules(path).values()), path
 
 
 @pytest.mark.parametrize("path", EVAL_RECIPES, ids=lambda p: str(p.relative_to(REPO)))

@@ -16,7 +16,7 @@ from llmtune.eval.items import McqItem, read_mcq
 from llmtune.eval.recipe import EvalSection, load_eval_recipe
 from llmtune.eval.report import EvalReport
 from llmtune.eval.run import evaluate
-from tests.helpers import run_cli, write_recipe
+from tests.helpers import REPO, run_cli, write_recipe
 
 # Options of the same length (3 characters, 3 tokens for the tiny model's tokenizer): only the content decides.
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "llmtune" / "eval" / "report.schema.json"
@@ -320,6 +320,78 @@ def test_a_local_judge_that_is_the_evaluated_base_reuses_the_loaded_model(tmp_pa
     # with the tuned model's adapter switched off, its base judges exactly as a judge loaded on its own
     assert reused == separate and all(reply is not None for replies in reused.values() for reply in replies)
 
+
+
+DEMO_SAFETY_RULES = REPO / "recipes" / "clinical-qa" / "data" / "eval" / "safety-rules.yaml"
+
+
+@pytest.mark.parametrize(("answer", "shown"), [
+    ("Call 999 (911 or 112) now and ask someone near you to get help quickly.", ["emergency", "refer"]),
+    ("I can't prescribe a dose for you; please talk to your GP about your pain.", ["refer", "decline"]),
+    ("Please don't double your warfarin dose: it can cause serious bleeding.", ["decline"]),
+    ("Sertraline is classed as a selective serotonin reuptake inhibitor.", []),
+    ("A good mood is essential: the emergence of GPS maps helped doctoral students.", []),  # words, not substrings
+])
+def test_the_demo_safety_rules_read_behaviours_off_phrases(answer, shown):
+    from llmtune.eval.rules import behaviours_shown, load_behaviour_rules
+
+    assert behaviours_shown(answer, load_behaviour_rules(DEMO_SAFETY_RULES)) == shown
+
+
+def test_rules_tasks_pass_answers_that_show_the_expected_behaviour(tmp_path, tiny_model_dir, adapter_run):
+    from llmtune.eval.run import task_fingerprint
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("answered: ['^']\nnever: ['\\bzqzqzq\\b']\n")  # '^' matches any answer, even an empty one
+    rows = [{"id": f"s{i}", "category": "c", "prompt": f"Request number {i}, please.",
+             "expected": "never" if i % 3 == 0 else "answered"} for i in range(9)]
+    data = write_jsonl(tmp_path / "safety.jsonl", rows)
+    task = {"name": "safety", "kind": "rules", "path": data, "rules": rules, "max_new_tokens": 6}
+    section = EvalSection(output_dir=tmp_path / "eval", tasks=[task],
+                          models=[{"name": "base", "path": str(tiny_model_dir)},
+                                  {"name": "tuned", "path": str(adapter_run)}])
+    report = evaluate(section)
+    EvalReport.model_validate(report)
+    assert report["tasks"][0]["kind"] == "rules" and report["tasks"][0]["primary_metric"] == "rule_pass"
+    assert report["results"]["safety"]["tuned"]["metrics"]["rule_pass"]["mean"] == pytest.approx(6 / 9)
+    assert [c["test"] for c in report["comparisons"]["safety"]["tuned"]] == ["mcnemar_exact"]
+    for model in ("base", "tuned"):
+        journal = tmp_path / "eval" / "items" / "safety" / f"{model}.jsonl"
+        items = [json.loads(line) for line in journal.read_text().splitlines()]
+        assert [r["rule_pass"] for r in items] == [0.0 if i % 3 == 0 else 1.0 for i in range(9)]
+        assert all(r["behaviours"] == ["answered"] and r["expected"] == row["expected"]
+                   for r, row in zip(items, rows, strict=True))
+    # new phrases regrade: the task's fingerprint covers the rules file
+    before = task_fingerprint(section.tasks[0])
+    rules.write_text("answered: ['^']\nnever: ['^']\n")
+    assert task_fingerprint(section.tasks[0]) != before
+
+
+def test_bad_rules_input_is_named_before_any_model_loads(tmp_path):
+    from pydantic import ValidationError
+
+    from llmtune.config import RecipeError
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("refer: ['\\bGP\\b']\n")
+    data = write_jsonl(tmp_path / "safety.jsonl", [{"id": "a", "prompt": "Hi", "expected": "refer"},
+                                                    {"id": "b", "prompt": "Hello", "expected": "emergency"}])
+
+    def section(**task) -> EvalSection:
+        return EvalSection(output_dir=tmp_path / "eval", models=[{"name": "base", "path": "no/such/model"}],
+                           tasks=[{"name": "safety", "kind": "rules", "path": data, **task}])
+
+    with pytest.raises(RecipeError, match=r"safety.jsonl: item b: `expected` must be one of refer .*not 'emergency'"):
+        evaluate(section(rules=rules))
+    rules.write_text("refer: ['(GP']\n")
+    with pytest.raises(RecipeError, match=r"rules.yaml: refer: bad regular expression '\(GP'"):
+        evaluate(section(rules=rules))
+    rules.write_text("refer: GP\n")
+    with pytest.raises(RecipeError, match=r"rules.yaml: refer: a non-empty list of phrases"):
+        evaluate(section(rules=rules))
+    with pytest.raises(ValidationError, match="goes with `kind: rules`"):
+        section()
+    assert not (tmp_path / "eval").exists()  # nothing half-written
 
 
 def test_report_html_renders_its_plots_in_headless_chromium(tmp_path, tiny_model_dir):

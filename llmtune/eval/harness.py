@@ -35,8 +35,8 @@ def export_tasks(tasks: list[EvalTask], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for task in tasks:
-        if task.kind in ("judge", "classification"):
-            continue  # lm-eval has no rubric-judge task type, and scores LM heads, not classification heads
+        if task.kind in ("judge", "rules", "classification"):
+            continue  # lm-eval has no rubric-judge or phrase-rule task type, and scores LM heads, not classifiers
         data = out / f"{harness_task_name(task)}.jsonl"
         shutil.copyfile(task.path, data)
         spec: dict[str, Any] = {

@@ -25,10 +25,13 @@ class EvalTask(Section):
     name: str
     # mcq: log-likelihood of each option; generative: greedy answer vs references; judge: greedy answer graded
     # by the `judge` model with a rubric prompt (the safety slice: `judge_prompt: judge_safety`); classification:
-    # a `task: classification` run labels each text (accuracy per item; macro F1 and confusion matrix per model).
-    kind: Literal["mcq", "generative", "judge", "classification"]
+    # a `task: classification` run labels each text (accuracy per item; macro F1 and confusion matrix per model);
+    # rules: greedy answer passes when it shows the row's `expected` behaviour by the phrase rules in `rules`
+    # (offline, no judge model: the demo's safety slice).
+    kind: Literal["mcq", "generative", "judge", "classification", "rules"]
     # jsonl: mcq rows {question, choices, answer}; generative rows {question|prompt|messages, answer};
     # judge rows {question|prompt|messages, answer (optional reference), expected (optional, for the rubric)};
+    # rules rows {question|prompt|messages, expected (a behaviour of the rules file)};
     # classification rows {text, label}
     path: Path
     prompt: Literal["chat", "plain"] = "chat"  # the model's chat template, or "Question: ...\nAnswer:"
@@ -37,8 +40,15 @@ class EvalTask(Section):
     choices_format: Literal["cloze", "letters"] = "cloze"
     system_prompt: str | None = None
     max_items: int | None = Field(None, gt=0)
-    max_new_tokens: int = Field(64, gt=0)  # generative, judge
+    max_new_tokens: int = Field(64, gt=0)  # generative, judge, rules
     judge_prompt: str = "judge_rubric"  # judge: a template in prompts/ or a .jinja file
+    rules: Path | None = None  # rules: a YAML file of behaviour -> phrases (regular expressions), see eval/rules.py
+
+    @model_validator(mode="after")
+    def _rules_file(self) -> EvalTask:
+        if (self.kind == "rules") != (self.rules is not None):
+            raise ValueError("`rules:` (a YAML file of behaviour phrases) goes with `kind: rules`, and only there")
+        return self
 
 
 class EvalSection(Section):
@@ -78,8 +88,10 @@ def load_eval_recipe(path: str | Path, overrides: list[str] | None = None) -> Ev
 
 
 def resolve_task_path(task: EvalTask, base: Path) -> EvalTask:
-    """The task with its data file resolved against the recipe's folder (existence is the caller's check)."""
-    return task.model_copy(update={"path": (base / task.path).resolve()})
+    """The task with its data (and rules) file resolved against the recipe's folder (existence is the caller's
+    check)."""
+    rules = (base / task.rules).resolve() if task.rules is not None else None
+    return task.model_copy(update={"path": (base / task.path).resolve(), "rules": rules})
 
 
 def resolve_eval_paths(section: EvalSection, base: Path, where: str) -> EvalSection:
@@ -89,6 +101,8 @@ def resolve_eval_paths(section: EvalSection, base: Path, where: str) -> EvalSect
         resolved = resolve_task_path(task, base)
         if not resolved.path.is_file():
             problems.append(f"eval.tasks[{index}].path: file not found: {task.path} (looked in {resolved.path})")
+        if resolved.rules is not None and not resolved.rules.is_file():
+            problems.append(f"eval.tasks[{index}].rules: file not found: {task.rules} (looked in {resolved.rules})")
         tasks.append(resolved)
     models: list[Any] = []
     for model in section.models:

@@ -56,7 +56,7 @@ class Result(BaseModel):
 
 class TaskInfo(BaseModel):
     name: str
-    kind: Literal["mcq", "generative", "judge", "classification"]
+    kind: Literal["mcq", "generative", "judge", "classification", "rules"]
     file: str
     sha256: str
     items: int

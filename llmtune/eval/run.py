@@ -26,9 +26,9 @@ from llmtune.journal import Journal
 log = logging.getLogger("llmtune.eval")
 
 METRICS = {"mcq": ("acc", "acc_norm"), "generative": ("exact_match", "f1", "rouge_l"),
-           "judge": ("judge_score", "judge_pass"), "classification": ("acc",)}
+           "judge": ("judge_score", "judge_pass"), "classification": ("acc",), "rules": ("rule_pass",)}
 # Right/wrong metrics are compared with McNemar's exact test; scores with a paired bootstrap.
-BINARY = {"acc", "acc_norm", "exact_match", "judge_pass"}
+BINARY = {"acc", "acc_norm", "exact_match", "judge_pass", "rule_pass"}
 
 
 def evaluate(section: EvalSection, progress: Any = None, harness_tasks: list[str] | None = None,
@@ -63,7 +63,13 @@ def _read_items(task: EvalTask) -> list[Any]:
         return read_mcq(task.path, task.max_items)
     if task.kind == "classification":
         return read_classification(task.path, task.max_items)
-    return read_generative(task.path, task.max_items, references_required=task.kind == "generative")
+    items = read_generative(task.path, task.max_items, references_required=task.kind == "generative")
+    if task.kind == "rules":  # a row whose behaviour the rules do not know fails before any model loads
+        from llmtune.eval.rules import check_expected, load_behaviour_rules
+
+        assert task.rules is not None
+        check_expected(items, load_behaviour_rules(task.rules), task.path, task.rules)
+    return items
 
 
 def _load(model: EvalModel):
@@ -106,7 +112,9 @@ def model_fingerprint(model: EvalModel) -> str:
 
 
 def task_fingerprint(task: EvalTask) -> str:
-    described = task.model_dump(mode="json", exclude={"name", "path"}) | {"data": file_sha256(task.path)}
+    described = task.model_dump(mode="json", exclude={"name", "path", "rules"}) | {"data": file_sha256(task.path)}
+    if task.rules is not None:  # new phrases regrade every answer
+        described["rules"] = file_sha256(task.rules)
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
@@ -153,6 +161,13 @@ def _score(models: _Models, section: EvalSection, task: EvalTask, items: list[An
         assert section.judge is not None
         yield from score_judged(loaded, adapter, items, task.system_prompt, task.max_new_tokens, batch_size,
                                 section.judge, task.judge_prompt, section.seed, advance)
+        return
+    if task.kind == "rules":
+        from llmtune.eval.rules import load_behaviour_rules, score_rules
+
+        assert task.rules is not None
+        yield from score_rules(loaded, adapter, items, task.system_prompt, task.max_new_tokens, batch_size,
+                               load_behaviour_rules(task.rules), advance)
         return
     if task.kind == "mcq":  # batches of similar length pad less (results are journaled by id, order-free)
         items = sorted(items, key=mcq_length)
