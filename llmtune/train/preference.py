@@ -116,6 +116,7 @@ def build_trainer(recipe: Recipe) -> runner.Session:
         peft_config=peft_config,
         callbacks=guards.callbacks(),
         run_info=run_fingerprint(recipe, sources),
+        **({"share_prefixes": recipe.train.shared_prefix} if recipe.method != "orpo" else {}),
     )
     return runner.Session(trainer, tokenizer, None, report, sources, guards)
 

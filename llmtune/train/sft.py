@@ -66,6 +66,7 @@ def build_trainer(recipe: Recipe) -> runner.Session:
         peft_config=lora_config(recipe.adapter, model),
         callbacks=guards.callbacks(),
         run_info=run_fingerprint(recipe, data.sources),
+        share_prefixes=recipe.train.shared_prefix,
     )
     freezing.attach(recipe, trainer)  # after TRL has put the adapter on: it decides what is trainable
     return runner.Session(trainer, tokenizer, template, data.report, data.sources, guards)

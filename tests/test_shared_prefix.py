@@ -1,0 +1,137 @@
+"""Shared prefixes (llmtune/train/shared_prefix.py): the plan, and the same loss and gradients as the plain
+forward when rows of a batch begin alike (a system prompt; a DPO pair's prompt)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import llmtune.train.shared_prefix as shared_prefix
+from llmtune.config import load_recipe
+from llmtune.train import sft
+from llmtune.train.lm_head import install_label_only_lm_head
+from llmtune.train.shared_prefix import plan_cost, plan_levels
+from tests.helpers import write_recipe
+from tests.test_speed import _lora_model
+
+
+def _rows_batch(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (prompt, answer) rows; labels on the answers only."""
+    width = max(len(p) + len(a) for p, a in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, (prompt, answer) in enumerate(rows):
+        n = len(prompt) + len(answer)
+        input_ids[i, :n] = torch.tensor(prompt + answer)
+        attention_mask[i, :n] = 1
+        labels[i, len(prompt) : n] = torch.tensor(answer)
+    return input_ids, attention_mask, labels
+
+
+def _tokens(generator: torch.Generator, vocab: int, low: int, high: int) -> list[int]:
+    return torch.randint(3, vocab, (int(torch.randint(low, high, (1,), generator=generator)),),
+                         generator=generator).tolist()
+
+
+def _sft_batch(vocab: int) -> tuple[torch.Tensor, ...]:
+    """Five rows that share a 9-token system prompt, then differ."""
+    g = torch.Generator().manual_seed(1)
+    system = _tokens(g, vocab, 9, 10)
+    return _rows_batch([(system + _tokens(g, vocab, 3, 9), _tokens(g, vocab, 2, 7)) for _ in range(5)])
+
+
+def _dpo_batch(vocab: int) -> tuple[torch.Tensor, ...]:
+    """TRL's [chosen; rejected] layout: three pairs, each pair one prompt; every prompt starts alike."""
+    g = torch.Generator().manual_seed(2)
+    system = _tokens(g, vocab, 6, 7)
+    prompts = [system + _tokens(g, vocab, 5, 12) for _ in range(3)]
+    chosen = [(p, _tokens(g, vocab, 2, 9)) for p in prompts]
+    return _rows_batch(chosen + [(p, _tokens(g, vocab, 2, 9)) for p in prompts])
+
+
+def _levels(levels) -> list[tuple[list[int], list[int], list[int] | None]]:
+    return [(lv.rows.tolist(), lv.end.tolist(), None if lv.parent is None else lv.parent.tolist()) for lv in levels]
+
+
+def test_the_plan_runs_the_batch_prefix_then_each_pairs_prompt_then_the_rows(monkeypatch):
+    monkeypatch.setattr(shared_prefix, "PASS_COST_TOKENS", 0)
+    input_ids, attention_mask, labels = _dpo_batch(500)
+    levels = plan_levels(input_ids, attention_mask, labels[:, 1:] != -100)
+    prompt_ends = [int((labels[i] != -100).int().argmax()) - 1 for i in range(3)]
+    lengths = attention_mask.sum(1).tolist()
+    assert _levels(levels) == [([0], [6], None), ([0, 1, 2], prompt_ends, [0, 0, 0]),
+                               ([0, 1, 2, 3, 4, 5], lengths, [0, 1, 2, 0, 1, 2])]
+    assert plan_cost(levels) < input_ids.numel()
+
+
+def test_the_plan_takes_the_plain_forward_when_sharing_saves_too_little(monkeypatch):
+    input_ids, attention_mask, labels = _sft_batch(500)
+    label_mask = labels[:, 1:] != -100
+    assert plan_levels(input_ids, attention_mask, label_mask) is None  # 9 shared tokens < one more pass
+    monkeypatch.setattr(shared_prefix, "PASS_COST_TOKENS", 0)
+    assert _levels(plan_levels(input_ids, attention_mask, label_mask))[0] == ([0], [9], None)
+    unshared = input_ids.clone()
+    unshared[:, 0] = torch.arange(5) + 3  # no two rows begin alike
+    assert plan_levels(unshared, attention_mask, label_mask) is None
+    left_padded = attention_mask.flip(1)
+    assert plan_levels(input_ids, left_padded, label_mask) is None  # only right padding is understood
+
+
+@pytest.mark.parametrize("make_batch", [_sft_batch, _dpo_batch], ids=["sft", "dpo"])
+def test_shared_prefixes_give_the_plain_forwards_loss_and_gradients(tiny_model_dir, monkeypatch, make_batch):
+    monkeypatch.setattr(shared_prefix, "PASS_COST_TOKENS", 0)
+    calls = []
+    original = shared_prefix.shared_prefix_hidden
+    monkeypatch.setattr("llmtune.train.lm_head.shared_prefix_hidden",
+                        lambda *args: calls.append(1) or original(*args))
+    results = []
+    for share in (False, True):
+        model = _lora_model(tiny_model_dir)
+        assert install_label_only_lm_head(model.get_base_model(), share_prefixes=share)
+        input_ids, attention_mask, labels = make_batch(model.config.vocab_size)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.loss.detach(), out.log_probs.detach(), grads))
+        assert len(calls) == int(share)  # the shared path ran exactly when asked for
+    (plain_loss, plain_logps, plain_grads), (loss, logps, grads) = results
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logps, plain_logps, rtol=1e-5, atol=1e-5)
+    assert plain_grads.keys() == grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sft_with_and_without_shared_prefixes_trains_the_same_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    """Through the real trainer (fp32, no dropout): the shared path is taken and changes nothing but speed."""
+    monkeypatch.setattr(shared_prefix, "PASS_COST_TOKENS", 0)
+    rows = [{"messages": [{"role": "system", "content": "You are a careful clinical reference assistant."},
+                          {"role": "user", "content": f"What is the usual dose of drug {i}?"},
+                          {"role": "assistant", "content": f"Drug {i} is taken as {i % 4 + 1} mg once a day."}]}
+            for i in range(16)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = []
+    original = shared_prefix.shared_prefix_hidden
+    monkeypatch.setattr("llmtune.train.lm_head.shared_prefix_hidden", lambda *args: calls.append(1) or original(*args))
+    runs = {}
+    for share in (True, False):
+        calls.clear()
+        (tmp_path / f"share-{share}").mkdir()
+        recipe_path = write_recipe(tmp_path / f"share-{share}", data, model={"name_or_path": str(tiny_model_dir)},
+                                   adapter={"r": 8, "alpha": 16, "dropout": 0.0},
+                                   train={"max_steps": 4, "batch_size": 8, "learning_rate": 1e-2, "logging_steps": 1,
+                                          "precision": "fp32", "shared_prefix": share})
+        runs[share] = sft.main(load_recipe(recipe_path))
+        assert len(calls) == (4 if share else 0)  # one shared forward per step
+    from safetensors.torch import load_file
+
+    shared, plain = (load_file(runs[s] / "adapter_model.safetensors") for s in (True, False))
+    assert shared.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(shared[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
+    losses = [json.loads((runs[s] / "manifest.json").read_text())["train"]["final_loss"] for s in (True, False)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
