@@ -107,6 +107,8 @@ def build_trainer(recipe: Recipe) -> runner.Session:
         peft_config = None
     guards = runner.Guards.create()
     trainer_class, make_args = _trainer_for(recipe.method)
+    # DPO and KTO score through the label-only head (which shares prefixes); ORPO keeps its own TRL forward.
+    head_options = {} if recipe.method == "orpo" else {"share_prefixes": recipe.train.shared_prefix}
     trainer = trainer_class(
         model=model,
         args=make_args(recipe, Path(recipe.output_dir), val_ds is not None, checkpointing),
@@ -116,7 +118,7 @@ def build_trainer(recipe: Recipe) -> runner.Session:
         peft_config=peft_config,
         callbacks=guards.callbacks(),
         run_info=run_fingerprint(recipe, sources),
-        **({"share_prefixes": recipe.train.shared_prefix} if recipe.method != "orpo" else {}),
+        **head_options,
     )
     return runner.Session(trainer, tokenizer, None, report, sources, guards)
 

@@ -33,8 +33,9 @@ PASS_COST_TOKENS = 96
 
 @dataclass(frozen=True)
 class Level:
-    """One pass: unit u runs tokens [start[u], end[u]) of input row `rows[u]`, after the cached tokens of unit
-    `parent[u]` of the level before (None: the first level, from position 0)."""
+    """One pass: unit u runs the tokens of input row `rows[u]` from where its parent unit `parent[u]` of the
+    level before ended (position 0 on the first level, `parent` None) up to `end[u]`, attending to the parent's
+    cached keys and values."""
 
     rows: torch.Tensor
     end: torch.Tensor
@@ -47,8 +48,9 @@ def plan_levels(input_ids: torch.Tensor, attention_mask: torch.Tensor, label_mas
     `label_mask[i, j]` says that position j's hidden state predicts a label (the shifted labels' mask): a
     shared prefix must end at or before a row's first such position. Rows must be right-padded."""
     rows, width = input_ids.shape
-    lengths = attention_mask.sum(1).cpu()
-    right_padded = torch.arange(width, device=attention_mask.device)[None, :] < attention_mask.sum(1)[:, None]
+    lengths = attention_mask.sum(1)
+    right_padded = torch.arange(width, device=attention_mask.device)[None, :] < lengths[:, None]
+    lengths = lengths.cpu()
     if rows < 2 or not torch.equal(attention_mask.bool(), right_padded) or not bool(label_mask.any(1).all()):
         return None
     first_label = label_mask.int().argmax(1).cpu()  # the first position whose output is scored, per row
