@@ -152,11 +152,10 @@ def main() -> None:
             results[name].append(row)
             print(f"round {round_index} {name}: {row['tokens_per_s']:.0f} tokens/s", flush=True)
     peak_after = matmul_peak_gflops()
-    # Against the higher of the two measurements: a peak measured while the machine was busy would flatter MFU.
     for row in (row for runs in results.values() for row in runs):
+        # MFU against the higher of the two peaks: one measured while the machine was busy would flatter it.
         row["mfu"] = row["tokens_per_s"] * 4 * parameters / (max(peak, peak_after) * 1e9)
-    # Judged after every side has trained: the judge's fp32 copy of the base never shares the memory of a side.
-    for row in (row for runs in results.values() for row in runs):
+        # Judged after every side has trained: the judge's fp32 copy of the base never shares a side's memory.
         row["heldout_loss"] = heldout_loss(model_dir, Path(row.pop("adapter")), held_out)
 
     summary = {name: {k: median([r[k] for r in runs]) for k in runs[0]} for name, runs in results.items()}

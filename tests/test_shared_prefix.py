@@ -52,6 +52,16 @@ def _dpo_batch(vocab: int) -> tuple[torch.Tensor, ...]:
     return _rows_batch(chosen + [(p, _tokens(g, vocab, 2, 9)) for p in prompts])
 
 
+@pytest.fixture
+def shared_calls(monkeypatch) -> list[int]:
+    """Sharing forced on for any prefix (no pass cost); one entry per forward that took the shared path."""
+    monkeypatch.setattr(shared_prefix, "PASS_COST_TOKENS", 0)
+    calls: list[int] = []
+    original = shared_prefix.shared_prefix_hidden
+    monkeypatch.setattr("llmtune.train.lm_head.shared_prefix_hidden", lambda *args: calls.append(1) or original(*args))
+    return calls
+
+
 def _levels(levels) -> list[tuple[list[int], list[int], list[int] | None]]:
     return [(lv.rows.tolist(), lv.end.tolist(), None if lv.parent is None else lv.parent.tolist()) for lv in levels]
 
@@ -81,12 +91,8 @@ def test_the_plan_takes_the_plain_forward_when_sharing_saves_too_little(monkeypa
 
 
 @pytest.mark.parametrize("make_batch", [_sft_batch, _dpo_batch], ids=["sft", "dpo"])
-def test_shared_prefixes_give_the_plain_forwards_loss_and_gradients(tiny_model_dir, monkeypatch, make_batch):
-    monkeypatch.setattr(shared_prefix, "PASS_COST_TOKENS", 0)
-    calls = []
-    original = shared_prefix.shared_prefix_hidden
-    monkeypatch.setattr("llmtune.train.lm_head.shared_prefix_hidden",
-                        lambda *args: calls.append(1) or original(*args))
+def test_shared_prefixes_give_the_plain_forwards_loss_and_gradients(tiny_model_dir, shared_calls, make_batch):
+    calls = shared_calls
     results = []
     for share in (False, True):
         model = _lora_model(tiny_model_dir)
@@ -105,18 +111,15 @@ def test_shared_prefixes_give_the_plain_forwards_loss_and_gradients(tiny_model_d
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_sft_with_and_without_shared_prefixes_trains_the_same_adapter(tmp_path, tiny_model_dir, monkeypatch):
+def test_sft_with_and_without_shared_prefixes_trains_the_same_adapter(tmp_path, tiny_model_dir, shared_calls):
     """Through the real trainer (fp32, no dropout): the shared path is taken and changes nothing but speed."""
-    monkeypatch.setattr(shared_prefix, "PASS_COST_TOKENS", 0)
+    calls = shared_calls
     rows = [{"messages": [{"role": "system", "content": "You are a careful clinical reference assistant."},
                           {"role": "user", "content": f"What is the usual dose of drug {i}?"},
                           {"role": "assistant", "content": f"Drug {i} is taken as {i % 4 + 1} mg once a day."}]}
             for i in range(16)]
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    calls = []
-    original = shared_prefix.shared_prefix_hidden
-    monkeypatch.setattr("llmtune.train.lm_head.shared_prefix_hidden", lambda *args: calls.append(1) or original(*args))
     runs = {}
     for share in (True, False):
         calls.clear()
