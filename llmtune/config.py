@@ -208,6 +208,9 @@ class PreferenceSection(Section):
     beta: float = Field(0.1, gt=0)  # DPO/KTO: KL strength; ORPO: weight of the odds-ratio term
     # DPO only
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    # DPO only: weight of an SFT term, the mean NLL of the chosen answers' tokens, added to the preference loss
+    # (RPO, Pang et al. 2024). It keeps DPO from lowering the chosen answers' likelihood along with the rejected.
+    sft_weight: float = Field(0.0, ge=0)
     # DPO/KTO: reference log-probs computed once before training (one extra pass) instead of at every step.
     precompute_ref_log_probs: bool = False
     # An SFT output folder to continue from: its recipe gives the base model, its adapter the starting point
@@ -239,6 +242,8 @@ class Recipe(Section):
             raise ValueError("`preference.from_run` is only used with a preference method (dpo, orpo, kto)")
         if self.preference.loss_type != "sigmoid" and self.method != "dpo":
             raise ValueError("`preference.loss_type` applies to `method: dpo` only")
+        if self.preference.sft_weight and self.method != "dpo":
+            raise ValueError("`preference.sft_weight` applies to `method: dpo` only")
         if from_run is not None and self.adapter is not None:
             raise ValueError(
                 "with `preference.from_run` the adapter comes from that run: remove the `adapter:` section"

@@ -131,6 +131,28 @@ def test_each_loss_type_matches_its_formula_at_step_zero(tmp_path, prefs_file, l
     assert sum(losses[-3:]) / 3 < expected  # it optimises that loss
 
 
+def test_sft_weight_adds_the_chosen_answers_mean_nll_to_the_dpo_loss(tmp_path, prefs_file):
+    # Fresh adapter: the sigmoid term is ln 2, so the loss is ln 2 + w * (mean NLL of the chosen tokens). Every
+    # chosen answer is the same text, so that mean is -logps/chosen (a per-answer sum) over the answer's length.
+    weight = 0.5
+    one_batch = {"batch_size": 10}  # the 10 held-out pairs in one evaluation batch
+    recipe = load_recipe(_dpo_recipe(tmp_path, prefs_file, None, train=one_batch,
+                                     preference={"sft_weight": weight}))
+    trainer = preference.build_trainer(recipe).trainer
+    assert trainer.loss_types == ["sigmoid", "sft"] and trainer.loss_weights == [1.0, weight]
+    lengths = {len(row["chosen_ids"]) for row in trainer.eval_dataset}
+    assert len(lengths) == 1
+    metrics = trainer.evaluate()
+    chosen_nll = -metrics["eval_logps/chosen"] / lengths.pop()
+    assert chosen_nll > 1  # a random tiny model: the term is far from zero, so the check below can fail
+    assert metrics["eval_loss"] == pytest.approx(math.log(2) + weight * chosen_nll, rel=1e-4)
+
+
+def test_sft_weight_is_only_for_dpo(tmp_path, prefs_file):
+    with pytest.raises(RecipeError, match=r"`preference\.sft_weight` applies to `method: dpo` only"):
+        load_recipe(_dpo_recipe(tmp_path, prefs_file, None, method="kto", preference={"sft_weight": 1.0}))
+
+
 def test_dpo_run_writes_an_adapter_with_reward_metrics(tmp_path, prefs_file, sft_run):
     recipe = _dpo_recipe(tmp_path, prefs_file, sft_run)
     result = run_cli("train", str(recipe))

@@ -93,12 +93,20 @@ def sft_config(recipe: Recipe, output_dir: Path, has_validation: bool, gradient_
     )
 
 
+def dpo_losses(recipe: Recipe) -> dict:
+    """TRL's loss list: the preference loss, plus its "sft" term (chosen-answer NLL) when `sft_weight` is set."""
+    section = recipe.preference
+    if not section.sft_weight:
+        return {"loss_type": [section.loss_type]}
+    return {"loss_type": [section.loss_type, "sft"], "loss_weights": [1.0, section.sft_weight]}
+
+
 def dpo_config(recipe: Recipe, output_dir: Path, has_validation: bool, gradient_checkpointing: bool) -> DPOConfig:
     section = recipe.preference
     return DPOConfig(
         **common_args(recipe, output_dir, has_validation, gradient_checkpointing),
         beta=section.beta,
-        loss_type=[section.loss_type],
+        **dpo_losses(recipe),
         precompute_ref_log_probs=section.precompute_ref_log_probs,
         max_length=recipe.data.max_length,
         truncation_mode=recipe.data.truncation,
