@@ -279,8 +279,8 @@ def test_reference_log_probs_are_precomputed_with_the_label_only_head(tmp_path, 
 
     scored: list[int] = []
     real = lm_head._score_labelled
-    monkeypatch.setattr(lm_head, "_score_labelled", lambda head, hidden, targets: scored.append(len(targets))
-                        or real(head, hidden, targets))
+    monkeypatch.setattr(lm_head, "_score_labelled", lambda head, hidden, targets, *fields: scored.append(len(targets))
+                        or real(head, hidden, targets, *fields))
     recipe = load_recipe(_dpo_recipe(tmp_path, prefs_file, sft_run, preference={"precompute_ref_log_probs": True}))
     session = preference.build_trainer(recipe)
     assert scored and "ref_chosen_logps" in session.trainer.train_dataset.column_names

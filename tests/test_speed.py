@@ -12,7 +12,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from llmtune.config import load_recipe
 from llmtune.train import sft, speed
-from llmtune.train.adapter_speed import DropoutLinear, dropout_mask
+from llmtune.train.adapter_speed import DropoutLinear, dropout_factor
 from llmtune.train.lm_head import OUTPUTS, install_label_only_lm_head
 from tests.helpers import write_recipe
 
@@ -58,6 +58,31 @@ def test_label_only_head_matches_trls_full_head(tiny_model_dir):
         torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_label_only_head_computes_only_the_fields_the_trainer_asked_for(tiny_model_dir, tmp_path, chat_file):
+    """TRL's SFT asks its head for log-probs, entropy and top-1 only; the other fields cost a pass over the
+    vocabulary each, so they are None, as TRL's own head leaves them."""
+    sft_fields = ("log_probs", "entropy", "is_top1")
+    trainer = sft.build_trainer(load_recipe(write_recipe(tmp_path, chat_file, train={"max_steps": 1}))).trainer
+    causal_lm = trainer.model.get_base_model()
+    assert causal_lm._label_only_lm_head_fields == sft_fields  # read from the forward TRL's trainer patched
+
+    results = []
+    for replace in (False, True):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        add_fused_lm_head(base, outputs=sft_fields)
+        if replace:
+            assert install_label_only_lm_head(base)
+        input_ids, attention_mask, labels = _batch(base.config.vocab_size)
+        results.append(base(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True))
+    theirs, ours = results
+    for field in ("log_sum_sq_probs", "mean_logits"):
+        assert getattr(theirs, field) is None and getattr(ours, field) is None, field
+    torch.testing.assert_close(ours.log_probs, theirs.log_probs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.entropy, theirs.entropy, rtol=1e-4, atol=1e-5)
+    assert torch.equal(ours.is_top1.bool(), theirs.is_top1.bool())
+
+
 def test_label_only_head_scores_large_batches_in_chunks(tiny_model_dir, monkeypatch):
     """Above CHUNK_ROWS labelled positions the log-probs are recomputed per chunk: same loss and gradients."""
     from llmtune.train import lm_head
@@ -76,20 +101,26 @@ def test_label_only_head_scores_large_batches_in_chunks(tiny_model_dir, monkeypa
         torch.testing.assert_close(a, b)
 
 
-def test_dropout_mask_keeps_each_element_with_probability_1_minus_p():
-    keep, scale = dropout_mask(torch.Size([400_000]), 0.1, seed=0, device=torch.device("cpu"))
+@pytest.mark.parametrize(("dtype", "lanes_per_draw"), [(torch.bfloat16, 4), (torch.float32, 2)])
+def test_dropout_factor_keeps_each_element_with_probability_1_minus_p(dtype, lanes_per_draw):
+    factor = dropout_factor(torch.Size([400_000]), 0.1, seed=0, dtype=dtype)
+    assert factor.dtype == dtype and factor.shape == (400_000,)
+    keep = factor != 0
+    assert torch.equal(factor[keep], torch.full_like(factor[keep], 1 / 0.9))  # the scale, rounded to dtype
     assert abs(keep.float().mean().item() - 0.9) < 0.003
-    assert abs(scale * keep.float().mean().item() - 1.0) < 0.004  # expectation preserved by the scale
-    for lane in range(4):  # each element comes from one 16-bit lane of an int64 draw: none may be biased
-        assert abs(keep[lane::4].float().mean().item() - 0.9) < 0.005, lane
-    again, _ = dropout_mask(torch.Size([400_000]), 0.1, seed=0, device=torch.device("cpu"))
-    other, _ = dropout_mask(torch.Size([400_000]), 0.1, seed=1, device=torch.device("cpu"))
-    assert torch.equal(again, keep) and not torch.equal(other, keep)
+    assert abs(factor.float().mean().item() - 1.0) < 0.004  # expectation kept (bf16 rounds 1/0.9 to 1.109)
+    for lane in range(lanes_per_draw):  # each element comes from one lane of a 64-bit draw: none may be biased
+        assert abs(keep[lane::lanes_per_draw].float().mean().item() - 0.9) < 0.005, lane
+    for p in (0.0, 0.5, 0.999):
+        kept = (dropout_factor(torch.Size([400_000]), p, seed=3, dtype=dtype) != 0).float().mean().item()
+        assert abs(kept - (1 - p)) < 0.003, p
+    again = dropout_factor(torch.Size([400_000]), 0.1, seed=0, dtype=dtype)
+    other = dropout_factor(torch.Size([400_000]), 0.1, seed=1, dtype=dtype)
+    assert torch.equal(again, factor) and not torch.equal(other, factor)
 
 
 def _reference_dropout_linear(layer: DropoutLinear, x: torch.Tensor, seed: int) -> torch.Tensor:
-    keep, scale = dropout_mask(x.shape, layer.dropout_p, seed, x.device)
-    return torch.nn.functional.linear(x * keep * scale, layer.weight)
+    return torch.nn.functional.linear(x * dropout_factor(x.shape, layer.dropout_p, seed, x.dtype), layer.weight)
 
 
 def test_fused_dropout_linear_matches_dropout_then_linear(monkeypatch):

@@ -4,10 +4,11 @@
    bf16 autocast casts it straight back for them: two copies of every input, in every layer, for nothing.
    While the loss is computed under autocast the cast is switched off (PEFT's `disable_input_dtype_casting`).
 2. Dropout masks. `torch.nn.Dropout` on a CPU draws one Bernoulli sample per element from the Mersenne
-   Twister (~5 ns each): with LoRA dropout on all linear layers, 20% of a training step. Here 64 random bits
-   are drawn per 4 elements, and an element is kept when its 15 bits fall below round(keep x 2^15): Bernoulli
-   with the keep probability rounded to 2^-15, scaled by the inverse of that probability, so the expectation
-   is unchanged.
+   Twister (~5 ns each): with LoRA dropout on all linear layers, 20% of a training step. Here numpy's SFC64
+   generator draws 16 random bits per bf16 element (32 per fp32 one), and four integer operations in place
+   turn them into the dropout factor's own bit patterns, 0 or the scale (`dropout_factor`): Bernoulli with the
+   keep probability rounded to 2^-15 (2^-31), scaled by its inverse so the expectation is unchanged. For a
+   8 x 110 x 576 bf16 input that is 0.31 ms, against 1.02 ms for torch's `random_`, compare and bool cast.
 3. Dropout memory. `lora_A(dropout(x))` keeps, for the backward pass, the mask and the dropped input of every
    LoRA layer, although q, k and v (and gate and up) share one input: ~630 MB of a 3.5 GB peak. The fused
    `lora_A` below keeps the input (shared) and a seed, and redraws the mask in the backward pass from a
@@ -18,28 +19,32 @@ Only vanilla LoRA layers on a CPU are changed; GPUs keep torch's fused dropout, 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from peft.helpers import disable_input_dtype_casting
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-_LANE_BITS = 15  # torch's int64 random_() draws from [0, 2^63): the top 16-bit lane has one bit fewer
+_SIGNED = {16: (np.int16, torch.int16), 32: (np.int32, torch.int32), 64: (np.int64, torch.int64)}
 
 
-def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Keep mask for dropout probability `p` from `seed`, and the scale that keeps the expectation."""
-    threshold = round((1 - p) * 2**_LANE_BITS)
+def dropout_factor(shape: torch.Size, p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """What dropout with probability `p` multiplies an input of `shape` by, drawn from `seed`: 0 where dropped,
+    the inverse of the keep probability elsewhere, in `dtype` (the same seed gives the same factor)."""
+    bits = torch.finfo(dtype).bits
+    np_signed, torch_signed = _SIGNED[bits]
     count = shape.numel()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    bits = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(generator=generator)
-    keep = (bits.view(torch.int16)[:count].view(shape) & (2**_LANE_BITS - 1)) < threshold
-    return keep, 2**_LANE_BITS / threshold
-
-
-def _dropout_factor(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The mask times the scale, in `x`'s dtype: what dropout multiplies `x` by (same seed, same factor)."""
-    keep, scale = dropout_mask(x.shape, p, seed, x.device)
-    return keep.to(x.dtype) * scale
+    # One lane of `bits` random bits per element, uniform over the signed range; halved, it has 2^(bits-1) values
+    # and an element is kept when it falls among the lowest `kept` of them.
+    halves = np.random.SFC64(seed).random_raw(-(-count * bits // 64)).view(np_signed)[:count] >> 1
+    kept = max(1, round((1 - p) * 2 ** (bits - 1)))
+    scale_bits = int(torch.tensor(2 ** (bits - 1) / kept, dtype=dtype).view(torch_signed))
+    # halves - (lowest half + kept) is negative exactly for kept elements, and never overflows; its sign bit
+    # shifted across the lane is all ones there and zero elsewhere, so `&` leaves the scale's bits or 0.
+    halves -= kept - 2 ** (bits - 2)
+    halves >>= bits - 1
+    halves &= scale_bits
+    return torch.from_numpy(halves).view(dtype).view(shape)
 
 
 class _DropoutLinear(torch.autograd.Function):
@@ -49,12 +54,12 @@ class _DropoutLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.p, ctx.seed = p, seed
-        return F.linear(x * _dropout_factor(x, p, seed), weight.to(x.dtype))
+        return F.linear(x * dropout_factor(x.shape, p, seed, x.dtype), weight.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
-        factor = _dropout_factor(x, ctx.p, ctx.seed)
+        factor = dropout_factor(x.shape, ctx.p, ctx.seed, x.dtype)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_out @ weight.to(grad_out.dtype)) * factor

@@ -65,6 +65,7 @@ def install_label_only_lm_head(model: torch.nn.Module, share_prefixes: bool = Tr
     if getattr(model, "_label_only_lm_head", False):
         return True  # installed already (before the reference pass)
     fused_forward = model.forward
+    fields = requested_outputs(fused_forward)
 
     @functools.wraps(type(model).forward)
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
@@ -74,15 +75,31 @@ def install_label_only_lm_head(model: torch.nn.Module, share_prefixes: bool = Tr
                                  num_items_in_batch=num_items_in_batch, **kwargs)
         labels = labels[:, 1:]
         mask = labels != -100
-        scores = _score_labelled(head, _labelled_hidden(self, mask, share_prefixes, args, kwargs), labels[mask])
-        per_token = {name: torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_scatter(mask, x)
+        hidden = _labelled_hidden(self, mask, share_prefixes, args, kwargs)
+        scores = _score_labelled(head, hidden, labels[mask], fields)
+        per_token = {name: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
                      for name, x in zip(OUTPUTS, scores, strict=True)}
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(loss=-per_token["log_probs"].sum() / count, label_mask=mask, **per_token)
 
     model.forward = types.MethodType(forward, model)
     model._label_only_lm_head = True
+    model._label_only_lm_head_fields = fields
     return True
+
+
+def requested_outputs(fused_forward) -> tuple[str, ...]:
+    """The fields the trainer asked TRL's fused head for (`add_fused_lm_head(outputs=...)`, held in the patched
+    forward's closure), in OUTPUTS order; every field when that cannot be read. SFT logs only entropy and
+    accuracy, and each field left out saves a pass over [rows, vocab] (log_sum_sq_probs: ~90 ms a step on
+    SmolLM2 with 490 labelled rows, 3% of it)."""
+    function = getattr(fused_forward, "__func__", fused_forward)
+    names, cells = function.__code__.co_freevars, function.__closure__ or ()
+    if "outputs" in names:
+        asked = cells[names.index("outputs")].cell_contents
+        if isinstance(asked, tuple) and set(asked) <= set(OUTPUTS):
+            return tuple(name for name in OUTPUTS if name == "log_probs" or name in asked)
+    return OUTPUTS
 
 
 def _labelled_hidden(model: torch.nn.Module, mask: torch.Tensor, share_prefixes: bool, args: tuple,
@@ -103,24 +120,30 @@ def _labelled_hidden(model: torch.nn.Module, mask: torch.Tensor, share_prefixes:
     return body(*args, **kwargs).last_hidden_state[:, :-1][mask]
 
 
-def _score_labelled(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per labelled row, in OUTPUTS order; only the target log-prob carries a gradient (TRL's trainers use the
-    others detached, as metrics or WPO weights)."""
+def _score_labelled(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                    fields: tuple[str, ...] = OUTPUTS) -> tuple[torch.Tensor | None, ...]:
+    """Per labelled row, in OUTPUTS order (None for a field not in `fields`); only the target log-prob carries a
+    gradient (TRL's trainers use the others detached, as metrics or WPO weights)."""
     if hidden.shape[0] <= CHUNK_ROWS:
-        return _score_chunk(head, hidden, targets)
-    parts = [checkpoint(_score_chunk, head, h, t, use_reentrant=False)
+        return _score_chunk(head, hidden, targets, fields)
+    parts = [checkpoint(_score_chunk, head, h, t, fields, use_reentrant=False)
              for h, t in zip(hidden.split(CHUNK_ROWS), targets.split(CHUNK_ROWS), strict=True)]
-    return tuple(torch.cat(values) for values in zip(*parts, strict=True))
+    return tuple(None if values[0] is None else torch.cat(values) for values in zip(*parts, strict=True))
 
 
-def _score_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _score_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                 fields: tuple[str, ...]) -> tuple[torch.Tensor | None, ...]:
     logits = head(hidden).float()
     log_probs = logits.log_softmax(-1)
-    target_log_probs = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    scores = {"log_probs": log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)}
     with torch.no_grad():
-        probs = log_probs.exp()
-        entropy = -(probs * log_probs).sum(-1)
-        log_sum_sq_probs = (2 * log_probs).logsumexp(-1)
-        mean_logits = logits.mean(-1)
-        is_top1 = log_probs.argmax(-1) == targets
-    return target_log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1
+        if "entropy" in fields:
+            # a batched dot product: 15 ms against 36 ms for (probs * log_probs).sum(-1) at 490 x 49k
+            scores["entropy"] = -torch.bmm(log_probs.exp().unsqueeze(1), log_probs.unsqueeze(2)).view(-1)
+        if "log_sum_sq_probs" in fields:
+            scores["log_sum_sq_probs"] = (2 * log_probs).logsumexp(-1)
+        if "mean_logits" in fields:
+            scores["mean_logits"] = logits.mean(-1)
+        if "is_top1" in fields:
+            scores["is_top1"] = log_probs.argmax(-1) == targets
+    return tuple(scores.get(name) for name in OUTPUTS)
