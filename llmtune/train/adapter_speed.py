@@ -19,6 +19,8 @@ Only vanilla LoRA layers on a CPU are changed; GPUs keep torch's fused dropout, 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,17 +30,24 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 _SIGNED = {16: (np.int16, torch.int16), 32: (np.int32, torch.int32), 64: (np.int64, torch.int64)}
 
 
+@functools.cache
+def _kept_and_scale_bits(p: float, dtype: torch.dtype) -> tuple[int, int]:
+    """Of the 2^(bits-1) values a halved random lane takes, how many keep an element; and the bit pattern, in
+    `dtype`, of the scale that keeps the expectation (computed once per layer setting, not per call)."""
+    bits = torch.finfo(dtype).bits
+    kept = max(1, round((1 - p) * 2 ** (bits - 1)))
+    return kept, int(torch.tensor(2 ** (bits - 1) / kept, dtype=dtype).view(_SIGNED[bits][1]))
+
+
 def dropout_factor(shape: torch.Size, p: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
     """What dropout with probability `p` multiplies an input of `shape` by, drawn from `seed`: 0 where dropped,
     the inverse of the keep probability elsewhere, in `dtype` (the same seed gives the same factor)."""
     bits = torch.finfo(dtype).bits
-    np_signed, torch_signed = _SIGNED[bits]
     count = shape.numel()
+    kept, scale_bits = _kept_and_scale_bits(p, dtype)
     # One lane of `bits` random bits per element, uniform over the signed range; halved, it has 2^(bits-1) values
     # and an element is kept when it falls among the lowest `kept` of them.
-    halves = np.random.SFC64(seed).random_raw(-(-count * bits // 64)).view(np_signed)[:count] >> 1
-    kept = max(1, round((1 - p) * 2 ** (bits - 1)))
-    scale_bits = int(torch.tensor(2 ** (bits - 1) / kept, dtype=dtype).view(torch_signed))
+    halves = np.random.SFC64(seed).random_raw(-(-count * bits // 64)).view(_SIGNED[bits][0])[:count] >> 1
     # halves - (lowest half + kept) is negative exactly for kept elements, and never overflows; its sign bit
     # shifted across the lane is all ones there and zero elsewhere, so `&` leaves the scale's bits or 0.
     halves -= kept - 2 ** (bits - 2)

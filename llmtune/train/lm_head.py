@@ -62,7 +62,7 @@ def install_label_only_lm_head(model: torch.nn.Module, share_prefixes: bool = Tr
     )
     if any(value not in (None, 1, 1.0) for value in special) or getattr(config, "output_router_logits", False):
         return False
-    if getattr(model, "_label_only_lm_head", False):
+    if hasattr(model, "_label_only_lm_head_fields"):
         return True  # installed already (before the reference pass)
     fused_forward = model.forward
     fields = requested_outputs(fused_forward)
@@ -83,8 +83,7 @@ def install_label_only_lm_head(model: torch.nn.Module, share_prefixes: bool = Tr
         return FusedCausalLMOutput(loss=-per_token["log_probs"].sum() / count, label_mask=mask, **per_token)
 
     model.forward = types.MethodType(forward, model)
-    model._label_only_lm_head = True
-    model._label_only_lm_head_fields = fields
+    model._label_only_lm_head_fields = fields  # also marks the head as installed
     return True
 
 
@@ -121,7 +120,7 @@ def _labelled_hidden(model: torch.nn.Module, mask: torch.Tensor, share_prefixes:
 
 
 def _score_labelled(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                    fields: tuple[str, ...] = OUTPUTS) -> tuple[torch.Tensor | None, ...]:
+                    fields: tuple[str, ...]) -> tuple[torch.Tensor | None, ...]:
     """Per labelled row, in OUTPUTS order (None for a field not in `fields`); only the target log-prob carries a
     gradient (TRL's trainers use the others detached, as metrics or WPO weights)."""
     if hidden.shape[0] <= CHUNK_ROWS:
