@@ -12,7 +12,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from llmtune.config import load_recipe
 from llmtune.train import sft, speed
-from llmtune.train.adapter_speed import DropoutLinear, dropout_factor
+from llmtune.train.adapter_speed import SPARSE_MAX_P, DropoutLinear, dropped_positions, fuse_dropouts
 from llmtune.train.lm_head import OUTPUTS, install_label_only_lm_head
 from tests.helpers import write_recipe
 
@@ -101,26 +101,38 @@ def test_label_only_head_scores_large_batches_in_chunks(tiny_model_dir, monkeypa
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize(("dtype", "lanes_per_draw"), [(torch.bfloat16, 4), (torch.float32, 2)])
-def test_dropout_factor_keeps_each_element_with_probability_1_minus_p(dtype, lanes_per_draw):
-    factor = dropout_factor(torch.Size([400_000]), 0.1, seed=0, dtype=dtype)
-    assert factor.dtype == dtype and factor.shape == (400_000,)
-    keep = factor != 0
-    assert torch.equal(factor[keep], torch.full_like(factor[keep], 1 / 0.9))  # the scale, rounded to dtype
-    assert abs(keep.float().mean().item() - 0.9) < 0.003
-    assert abs(factor.float().mean().item() - 1.0) < 0.004  # expectation kept (bf16 rounds 1/0.9 to 1.109)
-    for lane in range(lanes_per_draw):  # each element comes from one lane of a 64-bit draw: none may be biased
-        assert abs(keep[lane::lanes_per_draw].float().mean().item() - 0.9) < 0.005, lane
-    for p in (0.0, 0.5, 0.999):
-        kept = (dropout_factor(torch.Size([400_000]), p, seed=3, dtype=dtype) != 0).float().mean().item()
-        assert abs(kept - (1 - p)) < 0.003, p
-    again = dropout_factor(torch.Size([400_000]), 0.1, seed=0, dtype=dtype)
-    other = dropout_factor(torch.Size([400_000]), 0.1, seed=1, dtype=dtype)
-    assert torch.equal(again, factor) and not torch.equal(other, factor)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.001])
+def test_dropped_positions_drop_each_element_independently_with_probability_p(p):
+    count = 400_000
+    positions = dropped_positions(count, p, seed=0)
+    assert positions.dtype == torch.int64
+    assert bool((positions[1:] > positions[:-1]).all()) and positions[0] >= 0 and positions[-1] < count
+    dropped = torch.zeros(count, dtype=torch.bool)
+    dropped[positions] = True
+    sd = (p * (1 - p) / count) ** 0.5
+    assert abs(dropped.float().mean().item() - p) < 5 * sd
+    for part in dropped.view(8, -1):  # uniform along the input
+        assert abs(part.float().mean().item() - p) < 5 * sd * 8**0.5
+    for lane in range(3):  # no structure in the position modulo a small number either
+        assert abs(dropped[lane::3].float().mean().item() - p) < 5 * sd * 3**0.5
+    # independence: after a dropped element, the next is dropped with probability p again
+    follows = dropped[1:][dropped[:-1]].float()
+    assert abs(follows.mean().item() - p) < 5 * (p * (1 - p) / len(follows)) ** 0.5
+    assert torch.equal(dropped_positions(count, p, seed=0), positions)
+    assert not torch.equal(dropped_positions(count, p, seed=1), positions)
+
+
+def test_dropped_positions_for_inputs_smaller_than_one_draw():
+    for count in (1, 2, 7):
+        sizes = [len(dropped_positions(count, 0.5, seed)) for seed in range(400)]
+        assert max(sizes) <= count and abs(sum(sizes) / 400 - count / 2) < 5 * (count / 4 / 400) ** 0.5
+        assert all(bool((dropped_positions(count, 0.5, seed) < count).all()) for seed in range(50))
 
 
 def _reference_dropout_linear(layer: DropoutLinear, x: torch.Tensor, seed: int) -> torch.Tensor:
-    return torch.nn.functional.linear(x * dropout_factor(x.shape, layer.dropout_p, seed, x.dtype), layer.weight)
+    keep = torch.ones(x.numel())
+    keep[dropped_positions(x.numel(), layer.dropout_p, seed)] = 0
+    return torch.nn.functional.linear(x * keep.view(x.shape) / (1 - layer.dropout_p), layer.weight)
 
 
 def test_fused_dropout_linear_matches_dropout_then_linear(monkeypatch):
@@ -144,6 +156,16 @@ def test_fused_dropout_linear_matches_dropout_then_linear(monkeypatch):
     torch.testing.assert_close(fused_grads[1], layer.weight.grad)
     layer.eval()
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight))
+
+
+@pytest.mark.parametrize(("p", "fused"), [(0.1, True), (SPARSE_MAX_P, True), (0.9, False), (0.0, False)])
+def test_only_dropout_up_to_the_sparse_limit_is_fused(tiny_model_dir, p, fused):
+    """Above SPARSE_MAX_P, drawing each dropped position costs more than torch's dense dropout: PEFT's stays."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", lora_dropout=p))
+    layers = [m for m in model.modules() if hasattr(m, "lora_dropout")]
+    assert fuse_dropouts(model) == (len(layers) if fused else 0)
+    assert all(isinstance(m.lora_A["default"], DropoutLinear) == fused for m in layers)
 
 
 def test_trainer_streamlines_the_adapter_under_bf16(tmp_path, chat_file):
