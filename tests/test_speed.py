@@ -83,21 +83,37 @@ def test_label_only_head_computes_only_the_fields_the_trainer_asked_for(tiny_mod
     assert torch.equal(ours.is_top1.bool(), theirs.is_top1.bool())
 
 
-def test_label_only_head_scores_large_batches_in_chunks(tiny_model_dir, monkeypatch):
-    """Above CHUNK_ROWS labelled positions the log-probs are recomputed per chunk: same loss and gradients."""
+@pytest.mark.parametrize("frozen_head", [True, False])
+def test_label_only_head_scores_large_batches_in_chunks(tiny_model_dir, monkeypatch, frozen_head):
+    """A frozen head (LoRA) scores blocks of rows with the hidden states' gradient computed on the way; a trained
+    one (full fine-tuning) recomputes the log-probs of each chunk above CHUNK_ROWS. Either way the loss and the
+    gradients do not depend on the block size."""
     from llmtune.train import lm_head
 
+    def refuse(*args):
+        raise AssertionError("wrong path")
+
+    monkeypatch.setattr(lm_head, "_score_chunk" if frozen_head else "_FrozenHeadScores", refuse)
     results = []
-    for chunk_rows in (10_000, 7):
-        monkeypatch.setattr(lm_head, "CHUNK_ROWS", chunk_rows)
-        model = _lora_model(tiny_model_dir)
-        install_label_only_lm_head(model.get_base_model())
+    for size in (10_000, 1):  # FROZEN_HEAD_BLOCK 1 gives blocks of 16 rows; the batch has 30 labelled rows
+        monkeypatch.setattr(lm_head, "FROZEN_HEAD_BLOCK" if frozen_head else "CHUNK_ROWS", size)
+        if frozen_head:
+            model = _lora_model(tiny_model_dir)
+            install_label_only_lm_head(model.get_base_model())
+        else:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+            add_fused_lm_head(model, outputs=OUTPUTS)
+            install_label_only_lm_head(model)
         input_ids, attention_mask, labels = _batch(model.config.vocab_size)
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
         out.loss.backward()
-        results.append((out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for a, b in zip(results[0][1], results[1][1], strict=True):
+        results.append((out, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (whole, whole_grads), (blocks, block_grads) = results
+    for field in ("loss", *OUTPUTS):
+        torch.testing.assert_close(getattr(blocks, field), getattr(whole, field), msg=field)
+    assert len(block_grads) > 0
+    for a, b in zip(whole_grads, block_grads, strict=True):
         torch.testing.assert_close(a, b)
 
 
