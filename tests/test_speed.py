@@ -7,12 +7,13 @@ import logging
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers import AutoModelForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
 from llmtune.config import load_recipe
 from llmtune.train import sft, speed
-from llmtune.train.adapter_speed import SPARSE_MAX_P, DropoutLinear, dropped_positions, fuse_dropouts
+from llmtune.train.adapter_speed import SPARSE_MAX_P, DropoutLinear, dropped_positions, fuse_dropouts, fuse_lora_b
 from llmtune.train.lm_head import OUTPUTS, install_label_only_lm_head
 from tests.helpers import write_recipe
 
@@ -182,6 +183,50 @@ def test_only_dropout_up_to_the_sparse_limit_is_fused(tiny_model_dir, p, fused):
     layers = [m for m in model.modules() if hasattr(m, "lora_dropout")]
     assert fuse_dropouts(model) == (len(layers) if fused else 0)
     assert all(isinstance(m.lora_A["default"], DropoutLinear) == fused for m in layers)
+
+
+def _lora_logits_and_grads(model_dir, fuse: bool, autocast: bool):
+    model = _lora_model(model_dir)
+    if fuse:
+        assert fuse_lora_b(model) == sum(isinstance(m, LoraLinear) for m in model.modules()) > 0
+    input_ids, attention_mask, _ = _batch(model.config.vocab_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+    return model, logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_addmm_lora_layers_match_peft(tiny_model_dir):
+    """In fp32, the same output and gradients as PEFT's `result + lora_B(lora_A(x)) * scaling`; under bf16
+    autocast, as close to fp32 as PEFT's own bf16 path. Disabling the adapter (DPO's reference) and merging
+    still go through PEFT."""
+    _, reference, reference_grads = _lora_logits_and_grads(tiny_model_dir, fuse=False, autocast=False)
+    model, logits, grads = _lora_logits_and_grads(tiny_model_dir, fuse=True, autocast=False)
+    torch.testing.assert_close(logits, reference)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, msg=name)
+
+    def error(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    _, peft_bf16, peft_bf16_grads = _lora_logits_and_grads(tiny_model_dir, fuse=False, autocast=True)
+    _, ours_bf16, ours_bf16_grads = _lora_logits_and_grads(tiny_model_dir, fuse=True, autocast=True)
+    assert error(ours_bf16, reference) < 1.5 * error(peft_bf16, reference)
+    ours_errors = [error(ours_bf16_grads[n], g) for n, g in reference_grads.items()]
+    peft_errors = [error(peft_bf16_grads[n], g) for n, g in reference_grads.items()]
+    assert max(ours_errors) < 1.5 * max(peft_errors) and sum(ours_errors) < 1.2 * sum(peft_errors)
+
+    input_ids, attention_mask, _ = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        with model.disable_adapter():
+            without = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        assert not torch.allclose(without, logits)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        torch.testing.assert_close(without, base(input_ids=input_ids, attention_mask=attention_mask).logits)
+        merged = model.merge_and_unload()
+        assert not any(isinstance(m, LoraLinear) for m in merged.modules())
+        torch.testing.assert_close(merged(input_ids=input_ids, attention_mask=attention_mask).logits, reference,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_trainer_streamlines_the_adapter_under_bf16(tmp_path, chat_file):

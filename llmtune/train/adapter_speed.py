@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from peft.helpers import disable_input_dtype_casting
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 # Above it, one draw and one scattered write per dropped element cost more than torch's dense dropout (one
@@ -130,14 +131,52 @@ def fuse_dropouts(model: torch.nn.Module) -> int:
     return fused
 
 
+class AddmmLoraLinear(LoraLinear):
+    """A vanilla LoRA layer whose `B` product is added to the base output by one `addmm`, the scale folded into
+    the r-wide weight: PEFT's `result + lora_B(h) * scaling` makes three passes over the [tokens, out] output
+    (B's product, the scaling, the sum) and one more backward (the scaling's). SmolLM2's gate projection,
+    768 tokens, forward + backward with its base matmul: 7.6 against 8.3 ms."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapters = [name for name in self.active_adapters if name in self.lora_A]
+        plain = not (self.disable_adapters or self.merged or args or kwargs) and len(adapters) == 1
+        name = adapters[0] if plain else None
+        if not plain or name in self.lora_variant or self.lora_B[name].bias is not None:
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x)
+        lora_a = self.lora_A[name]
+        h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
+        scaled_b = (self.lora_B[name].weight * self.scaling[name]).to(result.dtype)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]).to(result.dtype),
+                          scaled_b.t())
+        return out.view(result.shape)
+
+
+def fuse_lora_b(model: torch.nn.Module) -> int:
+    """Let each CPU LoRA layer of PEFT's plain Linear class add its `B` product by addmm; returns how many."""
+    fused = 0
+    for module in model.modules():
+        if type(module) is LoraLinear and module.get_base_layer().weight.device.type == "cpu":
+            module.__class__ = AddmmLoraLinear
+            fused += 1
+    return fused
+
+
 class StreamlinedAdapter:
-    """Trainer mixin: fuses the LoRA dropouts once TRL has wrapped the model with PEFT, and skips PEFT's input
-    casts while the loss is computed under autocast (outside it, e.g. a forward on `trainer.model` after
-    training, PEFT casts as usual)."""
+    """Trainer mixin: fuses the LoRA dropouts and `B` products once TRL has wrapped the model with PEFT, and
+    skips PEFT's input casts while the loss is computed under autocast (outside it, e.g. a forward on
+    `trainer.model` after training, PEFT casts as usual)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         fuse_dropouts(self.model)
+        fuse_lora_b(self.model)
+
+    def _precompute_ref_logps(self, *args, **kwargs):
+        # TRL's DPO scores the reference inside its own __init__: through the layers the policy will use, or the
+        # loss at step zero is ln 2 only up to bf16 rounding
+        fuse_lora_b(self.model)
+        return super()._precompute_ref_logps(*args, **kwargs)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         with disable_input_dtype_casting(model, active=self.args.bf16 or self.args.fp16):
