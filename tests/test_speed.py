@@ -197,14 +197,14 @@ def _lora_logits_and_grads(model_dir, fuse: bool, autocast: bool):
 
 
 def test_addmm_lora_layers_match_peft(tiny_model_dir):
-    """In fp32, the same output and gradients as PEFT's `result + lora_B(lora_A(x)) * scaling`; under bf16
-    autocast, as close to fp32 as PEFT's own bf16 path. Disabling the adapter (DPO's reference) and merging
-    still go through PEFT."""
+    """In fp32, the same output and gradients as PEFT's `result + lora_B(lora_A(x)) * scaling` (up to summation
+    order); under bf16 autocast, as close to fp32 as PEFT's own bf16 path. Disabling the adapter (DPO's
+    reference) and merging still go through PEFT."""
     _, reference, reference_grads = _lora_logits_and_grads(tiny_model_dir, fuse=False, autocast=False)
     model, logits, grads = _lora_logits_and_grads(tiny_model_dir, fuse=True, autocast=False)
     torch.testing.assert_close(logits, reference)
-    for name, grad in reference_grads.items():
-        torch.testing.assert_close(grads[name], grad, msg=name)
+    for name, grad in reference_grads.items():  # the B product is summed into the output: rounding order only
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-4, msg=name)
 
     def error(a, b):
         return ((a - b).norm() / b.norm()).item()
