@@ -1,4 +1,4 @@
-"""Three per-step costs PEFT's LoRA layers add on a CPU, removed (measured on SmolLM2-135M, batch 8).
+"""Four per-step costs PEFT's LoRA layers add on a CPU, removed (measured on SmolLM2-135M, batch 8).
 
 1. Input casts. Each LoRA layer casts its input to the adapter's dtype (fp32) before the adapter matmuls, and
    bf16 autocast casts it straight back for them: two copies of every input, in every layer, for nothing.
@@ -14,9 +14,11 @@
    LoRA layer, although q, k and v (and gate and up) share one input: ~630 MB of a 3.5 GB peak. The fused
    `lora_A` below keeps the input (shared) and the dropped positions, drawn from a generator seeded from
    torch's (so `set_seed` still reproduces a run and resume restores it exactly).
+4. The B product. `result + lora_B(h) * scaling` is three passes over the [tokens, out] output; `AddmmLoraLinear`
+   accumulates it into the base output in place, the scale folded into the rank-16 weight.
 
-Only vanilla LoRA layers on a CPU with dropout up to SPARSE_MAX_P are changed; GPUs keep torch's fused dropout,
-DoRA and other variants PEFT's.
+Only vanilla LoRA layers on a CPU are changed (their dropout only up to SPARSE_MAX_P); GPUs keep torch's fused
+dropout and PEFT's layers, DoRA and other variants PEFT's.
 """
 
 from __future__ import annotations
