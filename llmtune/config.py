@@ -141,9 +141,11 @@ class TrainSection(Section):
     # when row lengths vary (short answers next to multiple-choice rows), so more rows per second.
     # None: on for sft, off for preference methods (their rows are pairs).
     group_by_length: bool | None = None
-    # Tokens that rows of a batch begin with (a system prompt; a DPO pair's prompt) run once per batch or pair
-    # instead of once per row: same loss and gradients, fewer tokens through the model (CPU label-only head
-    # path; llmtune/train/shared_prefix.py). Under LoRA dropout the rows share the prefix's dropout mask.
+    # A batch runs as one packed row of its real tokens, no padding (attention still per row): same loss and
+    # gradients, fewer tokens through the model (CPU label-only head path; llmtune/train/shared_prefix.py).
+    padding_free: bool = True
+    # In that packed row, tokens that rows of a batch begin with (a system prompt; a DPO pair's prompt) run once
+    # per batch or pair instead of once per row. Under LoRA dropout the rows share the prefix's dropout mask.
     shared_prefix: bool = True
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0)

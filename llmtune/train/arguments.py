@@ -11,6 +11,7 @@ from trl import DPOConfig, KTOConfig, SFTConfig
 from llmtune.config import Recipe
 from llmtune.errors import LlmtuneError
 from llmtune.train.selection import selection_args
+from llmtune.train.shared_prefix import RowPacking
 from llmtune.train.speed import resolve_precision
 
 # transformers 5 renamed gradient_checkpointing to activation_checkpointing, but TRL 1.16 still sets the old
@@ -35,6 +36,11 @@ def group_by_length(recipe: Recipe) -> bool:
     """Unset: on for SFT (rows of mixed lengths pad far less), off for pairs (TRL's KTO needs its own order)."""
     setting = recipe.train.group_by_length
     return setting if setting is not None else recipe.method == "sft"
+
+
+def row_packing(recipe: Recipe) -> RowPacking:
+    """How the label-only head lays out a batch: one row without padding, shared prefixes once."""
+    return RowPacking(padding_free=recipe.train.padding_free, share_prefixes=recipe.train.shared_prefix)
 
 
 def common_args(recipe: Recipe, output_dir: Path, has_validation: bool, gradient_checkpointing: bool) -> dict:

@@ -22,7 +22,7 @@ from accelerate.utils import is_peft_model
 from torch.utils.checkpoint import checkpoint
 from trl.trainer.utils import FusedCausalLMOutput
 
-from llmtune.train.shared_prefix import plan_levels, shared_prefix_hidden
+from llmtune.train.shared_prefix import PACKED, RowPacking, plan_levels, shared_prefix_hidden
 
 # Rows of [rows, vocab] float32 log-probs kept at once: 2048 x 49k is 400 MB. Larger batches are scored in
 # chunks whose log-probs are recomputed in the backward pass instead of stored.
@@ -35,25 +35,25 @@ OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 class LabelOnlyLMHead:
     """Trainer mixin for TRL trainers that patch a fused LM head (SFT, DPO, KTO): replaces it once installed.
-    `share_prefixes` runs the tokens that rows of a batch begin with once (llmtune/train/shared_prefix.py)."""
+    `packing` lays each batch out as one row without padding, its shared prefixes once (shared_prefix.py)."""
 
-    def __init__(self, *args, share_prefixes: bool = True, **kwargs):
-        self._share_prefixes = share_prefixes  # before super(): TRL's DPO runs its reference pass in __init__
+    def __init__(self, *args, packing: RowPacking = PACKED, **kwargs):
+        self._packing = packing  # before super(): TRL's DPO runs its reference pass in __init__
         super().__init__(*args, **kwargs)
-        install_label_only_lm_head(self._causal_lm(), share_prefixes)
+        install_label_only_lm_head(self._causal_lm(), packing)
 
     def _precompute_ref_logps(self, *args, **kwargs):
         # TRL's DPO precomputes the reference log-probs inside its own __init__, before the install above: with
         # TRL's head there, that pass scored every position through the 49k vocabulary (on SmolLM2, 1.3 s
         # instead of 1.0 s per 8 pairs).
-        install_label_only_lm_head(self._causal_lm(), self._share_prefixes)
+        install_label_only_lm_head(self._causal_lm(), self._packing)
         return super()._precompute_ref_logps(*args, **kwargs)
 
     def _causal_lm(self) -> torch.nn.Module:
         return self.model.get_base_model() if is_peft_model(self.model) else self.model
 
 
-def install_label_only_lm_head(model: torch.nn.Module, share_prefixes: bool = True) -> bool:
+def install_label_only_lm_head(model: torch.nn.Module, packing: RowPacking = PACKED) -> bool:
     """Wrap the TRL-patched forward of `model` (the causal LM, not its PEFT wrapper); False when not applicable."""
     config = model.config.get_text_config()
     special = (
@@ -78,7 +78,7 @@ def install_label_only_lm_head(model: torch.nn.Module, share_prefixes: bool = Tr
                                  num_items_in_batch=num_items_in_batch, **kwargs)
         labels = labels[:, 1:]
         mask = labels != -100
-        hidden = _labelled_hidden(self, mask, share_prefixes, args, kwargs)
+        hidden = _labelled_hidden(self, mask, packing, args, kwargs)
         scores = _score_labelled(head, hidden, labels[mask], fields)
         per_token = {name: None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
                      for name, x in zip(OUTPUTS, scores, strict=True)}
@@ -104,21 +104,21 @@ def requested_outputs(fused_forward) -> tuple[str, ...]:
     return OUTPUTS
 
 
-def _labelled_hidden(model: torch.nn.Module, mask: torch.Tensor, share_prefixes: bool, args: tuple,
+def _labelled_hidden(model: torch.nn.Module, mask: torch.Tensor, packing: RowPacking, args: tuple,
                      kwargs: dict) -> torch.Tensor:
-    """The body's last hidden states at the labelled positions; shared prefixes run once where the batch has
-    them (plain keyword inputs only; not under gradient checkpointing, which turns the cache off)."""
+    """The body's last hidden states at the labelled positions; from one packed row without padding (shared
+    prefixes run once) where that applies: plain keyword inputs only, not under gradient checkpointing."""
     kwargs["use_cache"] = False
     body = model.base_model
     # PEFT passes its unused arguments on as None (inputs_embeds, output_attentions, ...)
     extra = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "use_cache", "return_dict")}
     plain_inputs = not args and all(value in (None, False) for value in extra.values())
     checkpointing = body.training and getattr(body, "gradient_checkpointing", False)
-    if share_prefixes and plain_inputs and not checkpointing and kwargs.get("attention_mask") is not None:
-        input_ids, attention_mask = kwargs["input_ids"], kwargs["attention_mask"]
-        levels = plan_levels(input_ids, attention_mask, mask)
+    if packing.padding_free and plain_inputs and not checkpointing and kwargs.get("attention_mask") is not None:
+        input_ids = kwargs["input_ids"]
+        levels = plan_levels(input_ids, kwargs["attention_mask"], mask, packing.share_prefixes)
         if levels is not None:
-            return shared_prefix_hidden(body, input_ids, attention_mask, mask, levels)
+            return shared_prefix_hidden(body, input_ids, mask, levels)
     return body(*args, **kwargs).last_hidden_state[:, :-1][mask]
 
 

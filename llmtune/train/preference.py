@@ -26,7 +26,7 @@ from llmtune.models import load_tokenizer
 from llmtune.train import runner
 from llmtune.train.adapter_speed import StreamlinedAdapter
 from llmtune.train.adapters import lora_config
-from llmtune.train.arguments import dpo_config, kto_config, orpo_config
+from llmtune.train.arguments import dpo_config, kto_config, orpo_config, row_packing
 from llmtune.train.checkpoints import AtomicCheckpoints
 from llmtune.train.lm_head import LabelOnlyLMHead
 from llmtune.train.resume import ResumeMode, run_fingerprint
@@ -108,7 +108,7 @@ def build_trainer(recipe: Recipe) -> runner.Session:
     guards = runner.Guards.create()
     trainer_class, make_args = _trainer_for(recipe.method)
     # DPO and KTO score through the label-only head (which shares prefixes); ORPO keeps its own TRL forward.
-    head_options = {} if recipe.method == "orpo" else {"share_prefixes": recipe.train.shared_prefix}
+    head_options = {} if recipe.method == "orpo" else {"packing": row_packing(recipe)}
     trainer = trainer_class(
         model=model,
         args=make_args(recipe, Path(recipe.output_dir), val_ds is not None, checkpointing),

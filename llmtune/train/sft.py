@@ -20,7 +20,7 @@ from llmtune.models import load_tokenizer
 from llmtune.train import freezing, runner
 from llmtune.train.adapter_speed import StreamlinedAdapter
 from llmtune.train.adapters import lora_config
-from llmtune.train.arguments import sft_config
+from llmtune.train.arguments import row_packing, sft_config
 from llmtune.train.checkpoints import AtomicCheckpoints
 from llmtune.train.lm_head import LabelOnlyLMHead
 from llmtune.train.resume import ResumeMode, run_fingerprint
@@ -66,7 +66,7 @@ def build_trainer(recipe: Recipe) -> runner.Session:
         peft_config=lora_config(recipe.adapter, model),
         callbacks=guards.callbacks(),
         run_info=run_fingerprint(recipe, data.sources),
-        share_prefixes=recipe.train.shared_prefix,
+        packing=row_packing(recipe),
     )
     freezing.attach(recipe, trainer)  # after TRL has put the adapter on: it decides what is trainable
     return runner.Session(trainer, tokenizer, template, data.report, data.sources, guards)

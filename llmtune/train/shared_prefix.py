@@ -1,59 +1,84 @@
-"""Tokens that rows of a batch share at their start run once, not once per row.
+"""A batch in one packed row: no padding token runs, and tokens that rows share at their start run once.
 
-A DPO batch is [chosen; rejected]: each pair repeats its prompt (on the clinical preference pairs about half
-of every row). An SFT batch repeats its system prompt and chat header in every row. None of those tokens
-carries a label, so the rest of a row needs only their keys and values. The forward runs in levels:
+Padding free: the rows' tokens are laid end to end in one row, so every layer but attention (the matmuls, the
+norms, the MLP, the LoRA layers) sees each real token once; on the SFT benchmark's length-grouped batches 9% of
+a padded batch was padding. Attention runs per unit of a level (`_level_attention`): its queries, keys and
+values are gathered into a padded [units, heads, width, d] layout for that step only.
 
-1. the prefix common to the whole batch, once (one row);
-2. each prompt shared by a group of rows (a DPO pair), once per group, attending to level 1's cache;
-3. every row's own tokens, attending to its group's cache.
+Shared prefixes: a DPO batch is [chosen; rejected], each pair repeating its prompt (on the clinical preference
+pairs about half of every row); an SFT batch repeats its system prompt and chat header in every row. None of
+those tokens carries a label, so the rest of a row needs only their keys and values. The row is laid out in
+levels:
 
-Each batch takes the cheapest plan of levels (1 and 3, 2 and 3, or all three; a level costs its tokens,
-padding included, plus the fixed cost of one more pass, PASS_COST_TOKENS), or the plain forward where nothing
-saves enough. Gradients flow back through the cached keys and values to the one prefix computation, so the
-loss and the LoRA gradients equal the plain forward's up to float rounding (tests/test_shared_prefix.py).
-One difference under LoRA dropout: the rows of a group share the dropout mask of their common prefix, where a
-plain batch draws one per row.
+1. the prefix common to the whole batch, once;
+2. each prompt shared by a group of rows (a DPO pair), once per group, attending to level 1's keys;
+3. every row's own tokens, attending to its group's keys.
 
-Written by hand: neither TRL nor transformers shares prefixes between training rows.
+Each batch takes the cheapest plan (every row as one level; 1 and 3; 2 and 3; or all three): a plan costs its
+tokens plus LEVEL_COST_TOKENS per level. Gradients flow back through the gathered keys and values to the one
+computation of a prefix, so the loss and the LoRA gradients equal the plain padded forward's up to float
+rounding (tests/test_shared_prefix.py). One difference under LoRA dropout: the rows of a group share the
+dropout mask of their common prefix, where a plain batch draws one per row.
+
+Written by hand: TRL's `padding_free` needs flash-attention kernels (none on a CPU) and neither TRL nor
+transformers shares prefixes between training rows.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, PreTrainedConfig
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
-# What one more pass over the layers costs, in tokens of work: on SmolLM2-135M (2 CPU cores, bf16 autocast,
-# LoRA on all linear layers) a forward and backward of 4 tokens took 0.158 s and of 888 tokens 1.63 s, so the
-# fixed cost of a pass (per-op overhead: a forward alone makes 630 matmul and ~2,900 copy/cast calls) is worth
-# ~96 tokens. A plan pays it once per level.
-PASS_COST_TOKENS = 96
+# What one more level costs, in tokens of work: per layer, the gathers of its queries, keys and values, one more
+# attention call and its mask. A rough figure: with it, sharing is taken when it saves more than a few tokens.
+LEVEL_COST_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class RowPacking:
+    """How a batch is laid out (recipe keys `train.padding_free` and `train.shared_prefix`); sharing prefixes
+    needs the packed row."""
+
+    padding_free: bool = True
+    share_prefixes: bool = True
+
+
+PACKED = RowPacking()  # the default: packed, prefixes shared
 
 
 @dataclass(frozen=True)
 class Level:
-    """One pass: unit u runs the tokens of input row `rows[u]` from where its parent unit `parent[u]` of the
-    level before ended (position 0 on the first level, `parent` None) up to `end[u]`, attending to the parent's
-    cached keys and values."""
+    """Unit u runs the tokens of input row `rows[u]` from where its parent unit `parent[u]` of the level before
+    ended (position 0 on the first level, `parent` None) up to `end[u]`, attending to the parent's keys."""
 
     rows: torch.Tensor
     end: torch.Tensor
     parent: torch.Tensor | None
 
 
-def plan_levels(input_ids: torch.Tensor, attention_mask: torch.Tensor, label_mask: torch.Tensor) -> list[Level] | None:
-    """The cheapest passes that run shared prefixes once, or None when the plain forward is cheapest.
+def plan_levels(input_ids: torch.Tensor, attention_mask: torch.Tensor, label_mask: torch.Tensor,
+                share_prefixes: bool = True) -> list[Level] | None:
+    """The cheapest levels for the batch, or None where the packed row does not apply (fewer than two rows, or
+    rows that are not right-padded).
 
     `label_mask[i, j]` says that position j's hidden state predicts a label (the shifted labels' mask): a
-    shared prefix must end at or before a row's first such position. Rows must be right-padded."""
+    shared prefix must end at or before a row's first such position."""
     rows, width = input_ids.shape
     lengths = attention_mask.sum(1)
     right_padded = torch.arange(width, device=attention_mask.device)[None, :] < lengths[:, None]
     lengths = lengths.cpu()
-    if rows < 2 or not torch.equal(attention_mask.bool(), right_padded) or not bool(label_mask.any(1).all()):
+    if rows < 2 or not torch.equal(attention_mask.bool(), right_padded):
         return None
+    every_row = [Level(torch.arange(rows), lengths, None)]
+    if not share_prefixes or not bool(label_mask.any(1).all()):
+        return every_row
     first_label = label_mask.int().argmax(1).cpu()  # the first position whose output is scored, per row
     common = int((input_ids == input_ids[:1]).all(0).int().cumprod(0).sum())  # tokens all rows begin with
     shared = min(common, int(first_label.min()))
@@ -65,25 +90,23 @@ def plan_levels(input_ids: torch.Tensor, attention_mask: torch.Tensor, label_mas
     group_end = torch.tensor([int(first_label[members[0]]) for members in groups])
     group_rows = torch.tensor([members[0] for members in groups])
 
-    candidates: list[list[Level]] = []
+    candidates = [every_row]
     if shared > 0:
         candidates.append([batch_prefix, Level(torch.arange(rows), lengths, torch.zeros(rows, dtype=torch.long))])
-    if len(groups) < rows:  # some rows share their whole prompt (DPO pairs)
+    if len(groups) < rows and int(group_end.min()) > 0:  # some rows share their whole prompt (DPO pairs)
         candidates.append([Level(group_rows, group_end, None), Level(torch.arange(rows), lengths, row_group)])
         if 0 < shared < int(group_end.min()):
             candidates.append([batch_prefix, Level(group_rows, group_end, torch.zeros(len(groups), dtype=torch.long)),
                                Level(torch.arange(rows), lengths, row_group)])
-    plain_cost = rows * width + PASS_COST_TOKENS
-    best = min(candidates, key=plan_cost, default=None)
-    return best if best is not None and plan_cost(best) < plain_cost else None
+    return min(candidates, key=plan_cost)
 
 
 def plan_cost(levels: list[Level]) -> int:
-    """Tokens the passes run (padding included) plus the fixed cost of each pass."""
+    """Tokens the levels run plus the fixed cost of each level."""
     cost, start = 0, None
     for level in levels:
         begin = torch.zeros_like(level.end) if level.parent is None else start[level.parent]
-        cost += len(level.rows) * int((level.end - begin).max()) + PASS_COST_TOKENS
+        cost += int((level.end - begin).sum()) + LEVEL_COST_TOKENS
         start = level.end
     return cost
 
@@ -96,28 +119,141 @@ def _prompt_groups(input_ids: torch.Tensor, first_label: torch.Tensor) -> list[l
     return list(groups.values())
 
 
-def shared_prefix_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         label_mask: torch.Tensor, levels: list[Level]) -> torch.Tensor:
-    """The last hidden states at the positions `label_mask` selects, in `hidden[:, :-1][label_mask]` order,
-    computed level by level (`model` is the transformer body, e.g. LlamaModel)."""
+@dataclass(frozen=True)
+class PackedLevel:
+    """A level in the packed row: its units' real tokens, one unit after the other, from `start`.
+
+    Attention sees it as `units` x `width` slots: slot (u, j) is packed token `gather[u * width + j]` (a
+    padding slot repeats one of its unit's tokens and is masked out), and `real` lists the slots that are real
+    tokens, in packed order. A unit's keys are its parent's keys then its own: `valid` says which of those exist
+    (not padding), `key_positions` their positions, `query_positions` the positions of its own slots."""
+
+    start: int
+    unit_start: torch.Tensor
+    units: int
+    width: int
+    gather: torch.Tensor
+    real: torch.Tensor
+    parent: torch.Tensor | None
+    valid: torch.Tensor
+    key_positions: torch.Tensor
+    query_positions: torch.Tensor
+
+    def slots(self, states: torch.Tensor) -> torch.Tensor:
+        """[1, heads, packed, d] states (a view of [1, packed, heads, d]) as this level's [units, heads, width, d]."""
+        tokens = states.transpose(1, 2)[0].index_select(0, self.gather)
+        return tokens.unflatten(0, (self.units, self.width)).transpose(1, 2)
+
+    def allowed(self, sliding_window: int | None) -> torch.Tensor:
+        """[units, 1, width, keys]: which keys each slot attends to (causal, not padding, inside the window)."""
+        distance = self.query_positions[:, :, None] - self.key_positions[:, None, :]
+        allowed = (distance >= 0) & self.valid[:, None, :]
+        if sliding_window is not None:
+            allowed &= distance < sliding_window
+        return allowed[:, None]
+
+
+@dataclass
+class LevelPlan:
+    """What `_level_attention` needs: the levels and the attention implementation that computes each one."""
+
+    levels: list[PackedLevel]
+    implementation: str
+    masks: dict = field(default_factory=dict)  # (level, window, dtype) -> mask, built once per forward
+
+    def mask(self, index: int, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        key = (index, sliding_window, dtype if self.implementation == "eager" else torch.bool)
+        if key not in self.masks:
+            allowed = self.levels[index].allowed(sliding_window)
+            if self.implementation == "eager":  # an additive mask, as transformers' eager attention takes it
+                allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+                    ~allowed, torch.finfo(dtype).min)
+            self.masks[key] = allowed
+        return self.masks[key]
+
+
+def pack_levels(input_ids: torch.Tensor, levels: list[Level]) -> tuple[torch.Tensor, torch.Tensor, list[PackedLevel]]:
+    """The packed row's token ids and positions ([1, tokens] each), and its levels."""
     device = input_ids.device
-    cache, mask, start = DynamicCache(), None, None
+    packed: list[PackedLevel] = []
+    ids, positions = [], []
+    offset, start, valid, key_positions = 0, None, None, None
     for level in levels:
         rows, end = level.rows.to(device), level.end.to(device)
-        if level.parent is None:
-            begin = torch.zeros_like(end)
-        else:
-            parent = level.parent.to(device)
-            begin = start[parent]
-            cache.reorder_cache(parent)  # one copy of the parent's keys and values per unit (differentiable)
-            mask = mask[parent]
-        positions = begin[:, None] + torch.arange(int((end - begin).max()), device=device)
-        own = positions < end[:, None]
-        ids = input_ids[rows[:, None], positions.clamp(max=input_ids.shape[1] - 1)]  # past `end`: masked out
-        mask = own if mask is None else torch.cat([mask, own], dim=1)
-        out = model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, past_key_values=cache,
-                    use_cache=True)
-        cache, start = out.past_key_values, end
-    hidden = out.last_hidden_state
+        parent = None if level.parent is None else level.parent.to(device)
+        begin = torch.zeros_like(end) if parent is None else start[parent]
+        lengths = end - begin
+        width = int(lengths.max())
+        columns = torch.arange(width, device=device)
+        slot_positions = begin[:, None] + columns
+        own = columns < lengths[:, None]
+        unit_start = offset + lengths.cumsum(0) - lengths
+        gather = unit_start[:, None] + torch.minimum(columns, lengths[:, None] - 1)
+        ids.append(input_ids[rows[:, None], slot_positions.clamp(max=input_ids.shape[1] - 1)][own])
+        positions.append(slot_positions[own])
+        valid = own if parent is None else torch.cat([valid[parent], own], dim=1)
+        key_positions = slot_positions if parent is None else torch.cat([key_positions[parent], slot_positions], 1)
+        packed.append(PackedLevel(offset, unit_start, len(rows), width, gather.flatten(),
+                                  own.flatten().nonzero().squeeze(1), parent, valid, key_positions, slot_positions))
+        offset, start = offset + int(lengths.sum()), end
+    return torch.cat(ids)[None], torch.cat(positions)[None], packed
+
+
+def shared_prefix_hidden(model: torch.nn.Module, input_ids: torch.Tensor, label_mask: torch.Tensor,
+                         levels: list[Level]) -> torch.Tensor:
+    """The last hidden states at the positions `label_mask` selects, in `hidden[:, :-1][label_mask]` order,
+    from one forward of the packed row (`model` is the transformer body, e.g. LlamaModel)."""
+    ids, positions, packed = pack_levels(input_ids, levels)
+    plan = LevelPlan(packed, model.config._attn_implementation)
+    with _attention_implementation(model, LEVEL_ATTENTION):
+        hidden = model(input_ids=ids, position_ids=positions, attention_mask=_MASK_IN_PLAN, use_cache=False,
+                       level_plan=plan).last_hidden_state
+    last = packed[-1]  # every row of the batch, in order: the labelled positions are there
     row, column = label_mask.nonzero(as_tuple=True)
-    return hidden[row, column - begin[row]]
+    begin = last.query_positions[:, 0]
+    return hidden[0, last.unit_start[row] + column - begin[row]]
+
+
+def _level_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, *, level_plan: LevelPlan, **kwargs):
+    """Attention over the packed row, one level at a time: each unit's queries see its ancestors' keys and
+    values (gathered per unit, so gradients flow back to the one computation of a shared prefix) and its own."""
+    compute = _attention_function(module, level_plan.implementation)
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    kwargs.pop("position_ids", None)  # the packed row's, not a level's
+    outputs, keys, values = [], None, None
+    for index, level in enumerate(level_plan.levels):
+        own_keys, own_values = level.slots(key), level.slots(value)
+        keys = own_keys if level.parent is None else torch.cat([keys[level.parent], own_keys], dim=2)
+        values = own_values if level.parent is None else torch.cat([values[level.parent], own_values], dim=2)
+        mask = level_plan.mask(index, window, query.dtype)
+        output, _ = compute(module, level.slots(query), keys, values, mask, **kwargs)  # [units, width, heads, d]
+        outputs.append(output.flatten(0, 1).index_select(0, level.real))
+    return torch.cat(outputs)[None], None
+
+
+def _attention_function(module: torch.nn.Module, implementation: str) -> Callable:
+    if implementation == "eager":  # each model file has its own (softcapping, sinks ...)
+        return getattr(sys.modules[type(module).__module__], "eager_attention_forward", eager_attention_forward)
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
+@contextmanager
+def _attention_implementation(model: torch.nn.Module, implementation: str) -> Iterator[None]:
+    """Every attention layer of `model` runs `implementation` inside the block."""
+    configs = {id(module.config): module.config for module in model.modules()
+               if isinstance(getattr(module, "config", None), PreTrainedConfig)}
+    before = {key: config._attn_implementation_internal for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._attn_implementation_internal = implementation
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation_internal = before[key]
+
+
+LEVEL_ATTENTION = "llmtune_levels"
+AttentionInterface.register(LEVEL_ATTENTION, _level_attention)
+# transformers passes a 4-D attention mask on as it is; the real masks are in the plan
+_MASK_IN_PLAN = torch.ones(1, 1, 1, 1, dtype=torch.bool)
