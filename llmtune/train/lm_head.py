@@ -30,6 +30,11 @@ CHUNK_ROWS = 2048
 # A frozen head scores blocks of FROZEN_HEAD_BLOCK // vocab rows (170 at 49k): below ~128 rows the head matmul
 # slows down, and past ~32 MB a block's logits no longer come from memory the allocator keeps.
 FROZEN_HEAD_BLOCK = 2**23
+# The frozen head's block buffers (logits and probabilities in fp32, the logits' product in the head's dtype),
+# kept for the process (80 MB): a fresh 32 MB block each time is paid in page faults (glibc maps allocations that
+# large anew; the bf16 to fp32 copy of a block took 22 ms in training, 5.5 ms into reused memory). +1.6-2.3% on
+# whole SFT steps (same batches alternating in one process).
+_SCRATCH: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # FusedCausalLMOutput fields
 
 
@@ -169,10 +174,11 @@ class _FrozenHeadScores(torch.autograd.Function):
         rows = max(16, FROZEN_HEAD_BLOCK // weight.shape[0])
         blocks, grads = [], []
         for h, t in zip(hidden.split(rows), targets.split(rows), strict=True):
-            logits = (h @ weight.t()).float()
+            product = torch.mm(h, weight.t(), out=_scratch("product", len(h), weight.shape[0], h.dtype))
+            logits = _scratch("logits", len(h), weight.shape[0], torch.float32).copy_(product)
             top, top_index = logits.max(-1)
             logits -= top.unsqueeze(-1)  # shifted: each row's largest logit is 0
-            probs = logits.exp()
+            probs = torch.exp(logits, out=_scratch("probs", len(h), weight.shape[0], torch.float32))
             total = probs.sum(-1)
             log_total = total.log()
             probs /= total.unsqueeze(-1)
@@ -187,7 +193,7 @@ class _FrozenHeadScores(torch.autograd.Function):
                 block["is_top1"] = top_index == t
             if with_grad:
                 probs[torch.arange(len(t)), t] -= 1  # softmax - onehot: minus the gradient of the log-prob
-                grads.append(probs.to(weight.dtype) @ weight)
+                grads.append(product.copy_(probs) @ weight)
             blocks.append(block)
         if with_grad:
             ctx.save_for_backward(torch.cat(grads))
@@ -201,3 +207,12 @@ class _FrozenHeadScores(torch.autograd.Function):
         (minus_grad,) = ctx.saved_tensors
         grad_hidden = (minus_grad.float() * -grad_log_probs.unsqueeze(-1)).to(minus_grad.dtype)
         return grad_hidden, None, None, None, None
+
+
+def _scratch(name: str, rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, columns] of a CPU buffer kept between calls (see _SCRATCH), grown when a block needs more rows."""
+    key = (name, columns, dtype)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.shape[0] < rows:
+        buffer = _SCRATCH[key] = torch.empty(max(rows, FROZEN_HEAD_BLOCK // columns), columns, dtype=dtype)
+    return buffer[:rows]
