@@ -132,7 +132,10 @@ class TrainSection(Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"
+    # adamw_torch_fused: torch's AdamW as one fused kernel per step (CPU and CUDA), same update as adamw_torch;
+    # SmolLM2's 4.9 M LoRA parameters: 6.6 against 20.6 ms a step on the 2-core CPU
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch_fused"
     # auto: bf16 autocast where the GPU or CPU computes in bf16 natively (AVX512-BF16, AMX), else fp32
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # auto: on only when training without it would not fit in memory (the decision is logged)

@@ -184,3 +184,28 @@ def test_sft_with_and_without_shared_prefixes_trains_the_same_adapter(tmp_path, 
         torch.testing.assert_close(shared[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
     losses = [json.loads((runs[s] / "manifest.json").read_text())["train"]["final_loss"] for s in (True, False)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_grouped_eager_attention_is_transformers_eager_attention_without_the_copies():
+    from transformers.models.gemma2 import modeling_gemma2
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+    from transformers.models.qwen2 import modeling_qwen2
+
+    g = torch.Generator().manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3  # 6 query heads on 2 key-value heads
+    query = torch.randn(2, 6, 5, 8, generator=g).requires_grad_()
+    key, value = (torch.randn(2, 2, 7, 8, generator=g).requires_grad_() for _ in range(2))
+    allowed = torch.rand(2, 1, 5, 7, generator=g) > 0.3
+    allowed[..., 0] = True
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    outputs = []
+    for attention in (eager_attention_forward, shared_prefix.grouped_eager_attention):
+        output, _ = attention(module, query, key, value, mask, scaling=0.3)
+        grads = torch.autograd.grad(output.square().sum(), (query, key, value))
+        outputs.append((output, *grads))
+    for ours, theirs in zip(outputs[1], outputs[0], strict=True):
+        torch.testing.assert_close(ours, theirs)
+    # used for the plain eager attention that most model files copy, not for one with its own twist
+    assert shared_prefix.is_plain_eager(modeling_qwen2.eager_attention_forward)
+    assert not shared_prefix.is_plain_eager(modeling_gemma2.eager_attention_forward)  # softcapping
