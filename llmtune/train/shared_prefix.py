@@ -121,14 +121,13 @@ def _prompt_groups(input_ids: torch.Tensor, first_label: torch.Tensor) -> list[l
 
 @dataclass(frozen=True)
 class PackedLevel:
-    """A level in the packed row: its units' real tokens, one unit after the other, from `start`.
+    """A level in the packed row: its units' real tokens, one unit after the other.
 
     Attention sees it as `units` x `width` slots: slot (u, j) is packed token `gather[u * width + j]` (a
     padding slot repeats one of its unit's tokens and is masked out), and `real` lists the slots that are real
     tokens, in packed order. A unit's keys are its parent's keys then its own: `valid` says which of those exist
     (not padding), `key_positions` their positions, `query_positions` the positions of its own slots."""
 
-    start: int
     unit_start: torch.Tensor
     units: int
     width: int
@@ -193,7 +192,7 @@ def pack_levels(input_ids: torch.Tensor, levels: list[Level]) -> tuple[torch.Ten
         positions.append(slot_positions[own])
         valid = own if parent is None else torch.cat([valid[parent], own], dim=1)
         key_positions = slot_positions if parent is None else torch.cat([key_positions[parent], slot_positions], 1)
-        packed.append(PackedLevel(offset, unit_start, len(rows), width, gather.flatten(),
+        packed.append(PackedLevel(unit_start, len(rows), width, gather.flatten(),
                                   own.flatten().nonzero().squeeze(1), parent, valid, key_positions, slot_positions))
         offset, start = offset + int(lengths.sum()), end
     return torch.cat(ids)[None], torch.cat(positions)[None], packed
@@ -204,7 +203,8 @@ def shared_prefix_hidden(model: torch.nn.Module, input_ids: torch.Tensor, label_
     """The last hidden states at the positions `label_mask` selects, in `hidden[:, :-1][label_mask]` order,
     from one forward of the packed row (`model` is the transformer body, e.g. LlamaModel)."""
     ids, positions, packed = pack_levels(input_ids, levels)
-    plan = LevelPlan(packed, model.config._attn_implementation)
+    # transformers' eager attention, or sdpa for any other (a flex or flash kernel takes no such masks)
+    plan = LevelPlan(packed, "eager" if model.config._attn_implementation == "eager" else "sdpa")
     with _attention_implementation(model, LEVEL_ATTENTION):
         hidden = model(input_ids=ids, position_ids=positions, attention_mask=_MASK_IN_PLAN, use_cache=False,
                        level_plan=plan).last_hidden_state
