@@ -224,8 +224,11 @@ def _level_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     outputs, keys, values = [], None, None
     for index, level in enumerate(level_plan.levels):
         own_keys, own_values = level.slots(key), level.slots(value)
-        keys = own_keys if level.parent is None else torch.cat([keys[level.parent], own_keys], dim=2)
-        values = own_values if level.parent is None else torch.cat([values[level.parent], own_values], dim=2)
+        if level.parent is None:
+            keys, values = own_keys, own_values
+        else:  # index_select: its backward is an index_add, not advanced indexing's slower index_put
+            keys = torch.cat([keys.index_select(0, level.parent), own_keys], dim=2)
+            values = torch.cat([values.index_select(0, level.parent), own_values], dim=2)
         mask = level_plan.mask(index, window, query.dtype)
         output, _ = compute(module, level.slots(query), keys, values, mask, **kwargs)  # [units, width, heads, d]
         outputs.append(output.flatten(0, 1).index_select(0, level.real))
