@@ -91,6 +91,9 @@ def test_the_plan_runs_every_row_as_one_level_when_sharing_saves_too_little():
     assert _levels(plan_levels(input_ids, attention_mask, label_mask, share_prefixes=False)) == every_row
     left_padded = attention_mask.flip(1)
     assert plan_levels(input_ids, left_padded, label_mask) is None  # only right padding is understood
+    empty_row = attention_mask.clone()
+    empty_row[2] = 0
+    assert plan_levels(input_ids, empty_row, label_mask) is None
 
 
 def test_the_packed_row_holds_each_real_token_once_in_row_order():

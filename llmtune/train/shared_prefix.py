@@ -65,8 +65,8 @@ class Level:
 
 def plan_levels(input_ids: torch.Tensor, attention_mask: torch.Tensor, label_mask: torch.Tensor,
                 share_prefixes: bool = True) -> list[Level] | None:
-    """The cheapest levels for the batch, or None where the packed row does not apply (fewer than two rows, or
-    rows that are not right-padded).
+    """The cheapest levels for the batch, or None where the packed row does not apply (fewer than two rows, an
+    empty row, or rows that are not right-padded).
 
     `label_mask[i, j]` says that position j's hidden state predicts a label (the shifted labels' mask): a
     shared prefix must end at or before a row's first such position."""
@@ -74,8 +74,8 @@ def plan_levels(input_ids: torch.Tensor, attention_mask: torch.Tensor, label_mas
     lengths = attention_mask.sum(1)
     right_padded = torch.arange(width, device=attention_mask.device)[None, :] < lengths[:, None]
     lengths = lengths.cpu()
-    if rows < 2 or not torch.equal(attention_mask.bool(), right_padded):
-        return None
+    if rows < 2 or not torch.equal(attention_mask.bool(), right_padded) or int(lengths.min()) == 0:
+        return None  # an empty row would be a unit with no token to attend to
     every_row = [Level(torch.arange(rows), lengths, None)]
     if not share_prefixes or not bool(label_mask.any(1).all()):
         return every_row
